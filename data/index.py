@@ -1,0 +1,123 @@
+"""Build the annotation index of a dataset and cut it into train / validation / test splits."""
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.datasets import (PHOTO, SKETCH, TEXT, prompt_for, read_annotation_csv,
+                           read_class_list, resolve_name, resolve_root, scan_layout, split_file)
+from utils.runtime import UserError
+
+
+@dataclass
+class DatasetIndex:
+    name: str
+    root: Path
+    rows: list          # every image of the dataset (annotation rows)
+    seen: list          # seen class names, label order
+    unseen: list        # unseen (test) class names, label order
+    skipped: list       # files ignored while scanning (unexpected extensions)
+
+    def rows_of(self, classes):
+        keep = set(classes)
+        return [r for r in self.rows if r["cls"] in keep]
+
+
+def _cfg_get(cfg, key, default=None):
+    value = cfg.get(key, default) if hasattr(cfg, "get") else default
+    return default if value is None else value
+
+
+def build_index(idx, dcfg):
+    """Scan the dataset's on-disk layout (or read given seed CSVs) into a DatasetIndex."""
+    name = resolve_name(idx)
+    root = resolve_root(name, _cfg_get(dcfg, "root", {}))
+    csv_cfg = _cfg_get(dcfg, "csv", {})
+    if _cfg_get(csv_cfg, "test"):
+        return _index_from_csv(name, root, csv_cfg)
+    scan = scan_layout(name, root)
+    unseen_path = split_file(name, _cfg_get(dcfg, "split"), root, _cfg_get(dcfg, "unseen_file"))
+    unseen = read_class_list(unseen_path)
+    unknown = [c for c in unseen if c not in scan.images]
+    if unknown:
+        raise UserError(
+            f"split file {unseen_path} names class(es) {unknown} that {root} does not have. "
+            f"Fix the class names in the split file (spaces and underscores are the same), or "
+            f"check that dataset.root points at the full {name} download.")
+    seen = sorted(c for c in scan.images if c not in set(unseen))
+    label_of = {c: i + 1 for i, c in enumerate(seen + unseen)}
+    rows = []
+    for cls in seen + unseen:
+        text = prompt_for(name, cls)
+        for mode in (PHOTO, SKETCH):
+            rows += [dict(img_path=p, text=text, m1=mode, m2=TEXT, label=label_of[cls], cls=cls)
+                     for p in scan.images[cls][mode]]
+    return DatasetIndex(name, root, rows, seen, unseen, scan.skipped)
+
+
+def _index_from_csv(name, root, csv_cfg):
+    test = read_annotation_csv(csv_cfg["test"], root)
+    train = read_annotation_csv(csv_cfg["train"], root) if _cfg_get(csv_cfg, "train") else []
+    unseen = list(dict.fromkeys(r["cls"] for r in test))
+    seen = list(dict.fromkeys(r["cls"] for r in train))
+    overlap = sorted(set(seen) & set(unseen))
+    if overlap:
+        raise UserError(f"classes {overlap} appear in both {csv_cfg['train']} and "
+                        f"{csv_cfg['test']}: a zero-shot test class must never be trained on.")
+    return DatasetIndex(name, root, train + test, seen, unseen, [])
+
+
+@dataclass
+class Splits:
+    train: list         # (root, row) pairs
+    val: list
+    test: list
+    train_classes: list
+    val_classes: list
+    test_index: DatasetIndex | None
+
+
+def seen_class_split(seen, cls_ratio, seed):
+    """Hold out a (1 - cls_ratio) share of the seen classes for validation, deterministically."""
+    if not 0 < cls_ratio <= 1:
+        raise UserError(f"dataset.cls_ratio={cls_ratio} must be in (0, 1]; e.g. 0.9 keeps 90% "
+                        f"of the seen classes for training and validates on the rest.")
+    order = sorted(seen)
+    random.Random(seed).shuffle(order)
+    n_train = len(order) if cls_ratio >= 1 else max(1, min(len(order) - 1, round(cls_ratio * len(order))))
+    return sorted(order[:n_train]), sorted(order[n_train:])
+
+
+def make_splits(dcfg, need_test=True, need_train=True):
+    train_ids = list(_cfg_get(dcfg, "train_idx", [])) if need_train else []
+    test_idx = _cfg_get(dcfg, "test_idx") if need_test else None
+    indices = {resolve_name(i): None for i in train_ids}
+    if test_idx is not None:
+        indices[resolve_name(test_idx)] = None
+    for name in indices:
+        indices[name] = build_index(name, dcfg)
+    train, val, train_classes, val_classes = [], [], [], []
+    for k, name in enumerate(resolve_name(i) for i in train_ids):
+        ix = indices[name]
+        tr_cls, va_cls = seen_class_split(ix.seen, float(_cfg_get(dcfg, "cls_ratio", 1.0)),
+                                          int(_cfg_get(dcfg, "split_seed", 0)))
+        train += [(ix.root, r) for r in ix.rows_of(tr_cls)]
+        # validation labels are made unique across datasets
+        val += [(ix.root, dict(r, label=k * 100_000 + r["label"])) for r in ix.rows_of(va_cls)]
+        train_classes += tr_cls
+        val_classes += va_cls
+    test, test_index = [], None
+    if test_idx is not None:
+        test_index = indices[resolve_name(test_idx)]
+        leaked = sorted(set(test_index.unseen) & set(train_classes + val_classes))
+        if leaked:
+            raise UserError(
+                f"unseen test class(es) {leaked} of {test_index.name} are also training classes "
+                f"of {[resolve_name(i) for i in train_ids]}; that is not zero-shot. Remove that "
+                f"training dataset or choose another split (dataset.split).")
+        test = [(test_index.root, r) for r in test_index.rows_of(test_index.unseen)]
+        if not any(r["m1"] == SKETCH for _, r in test) or not any(r["m1"] == PHOTO for _, r in test):
+            raise UserError(f"the test split of {test_index.name} at {test_index.root} has no "
+                            f"sketches or no photos; check the unseen classes' folders.")
+    if need_train and not train:
+        raise UserError("the training split is empty: check dataset.train_idx and the dataset root.")
+    return Splits(train, val, test, train_classes, val_classes, test_index)

@@ -1,0 +1,55 @@
+"""Image dataset and loaders: decoding and transforms run in worker processes, prompts are
+tokenised once per distinct prompt, and each sample carries the id of its prompt."""
+import os
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from utils.runtime import UserError
+
+
+class PromptTable:
+    """Distinct prompts of a set of rows, tokenised once."""
+
+    def __init__(self, rows, tokenizer):
+        self.texts = sorted({r["text"] for _, r in rows})
+        self.id_of = {t: i for i, t in enumerate(self.texts)}
+        self.tokens = tokenizer(self.texts) if self.texts else None
+
+
+class SketchPhotoDataset(Dataset):
+    def __init__(self, rows, transform, prompts):
+        self.rows = rows
+        self.transform = transform
+        self.prompt_ids = [prompts.id_of[r["text"]] for _, r in rows]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        root, r = self.rows[i]
+        path = root / r["img_path"]
+        try:
+            with Image.open(path) as im:
+                image = self.transform(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as e:
+            raise UserError(f"cannot read image {path}: {e}. Replace or delete the file "
+                            f"(python -m data.check lists every bad file).") from None
+        return image, self.prompt_ids[i], r["m1"], r["m2"], r["label"], i
+
+
+def collate(batch):
+    images, prompt_ids, m1, m2, labels, idx = zip(*batch)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)
+    return dict(image=torch.stack(images), prompt_id=as_long(prompt_ids), m1=as_long(m1),
+                m2=as_long(m2), label=as_long(labels), index=as_long(idx))
+
+
+def make_loader(dataset, batch_size, num_workers, shuffle, seed=0, drop_last=False, sampler=None):
+    generator = torch.Generator().manual_seed(seed)
+    num_workers = min(num_workers, os.cpu_count() or 1)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
+                      sampler=sampler, num_workers=num_workers, collate_fn=collate,
+                      drop_last=drop_last, generator=generator, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=num_workers > 0)

@@ -1,0 +1,14 @@
+"""Retrieval metrics of a run's embeddings: python evaluate.py path=<run> [mode=best|last]"""
+import hydra
+
+from retrieval.evaluate import evaluate
+from utils.runtime import run_cli
+
+
+@hydra.main(version_base="1.3", config_path="setting", config_name="config-eval")
+def main(cfg):
+    run_cli(evaluate, cfg)
+
+
+if __name__ == "__main__":
+    main()

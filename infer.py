@@ -1,0 +1,14 @@
+"""Export embeddings of a run's test split: python infer.py path=<run> [mode=best|last]"""
+import hydra
+
+from model.inference import infer
+from utils.runtime import run_cli
+
+
+@hydra.main(version_base="1.3", config_path="setting", config_name="config-infer")
+def main(cfg):
+    run_cli(infer, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Embeddings of a list of annotation rows: image embeddings, each distinct prompt's text
+embedding once, and the converted vectors of both."""
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.loader import PromptTable, SketchPhotoDataset, make_loader
+from utils.runtime import autocast
+
+
+@torch.no_grad()
+def embed_rows(model, rows, transform, tokenizer, batch_size, num_workers, device, precision="bf16",
+               progress=True, with_converted=True):
+    """Returns dict img [N,d], txt [N,d] and (optionally) converted [N,2,n_mode,d] as numpy."""
+    model.eval()
+    prompts = PromptTable(rows, tokenizer)
+    with autocast(device, precision):
+        z_prompt = torch.cat([model.encode_text(prompts.tokens[s:s + 1024].to(device))
+                              for s in range(0, len(prompts.texts), 1024)]).float()
+    dataset = SketchPhotoDataset(rows, transform, prompts)
+    loader = make_loader(dataset, batch_size, num_workers, shuffle=False)
+    img, txt, conv = [], [], []
+    for batch in tqdm(loader, desc="embedding", disable=not progress, dynamic_ncols=True):
+        with autocast(device, precision):
+            z_img = model.encode_image(batch["image"].to(device, non_blocking=True)).float()
+        z_txt = z_prompt[batch["prompt_id"].to(device)]
+        img.append(z_img.cpu())
+        txt.append(z_txt.cpu())
+        if with_converted:
+            m1, m2 = batch["m1"].to(device), batch["m2"].to(device)
+            conv.append(torch.stack([model.convert(z_img, m1), model.convert(z_txt, m2)], dim=1).cpu())
+    out = dict(img=torch.cat(img).numpy(), txt=torch.cat(txt).numpy())
+    if with_converted:
+        out["converted"] = torch.cat(conv).numpy()
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}

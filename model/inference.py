@@ -1,0 +1,71 @@
+"""infer(cfg): embeddings of a run's test split -> infer_output/<mode>/<dataset>/."""
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from data.datasets import COLUMNS, output_key
+from data.index import make_splits
+from model.backbone import build_model
+from model.checkpoint import load_checkpoint
+from model.embed import embed_rows
+from utils.io import save_csv, save_torch
+from utils.runtime import UserError, log, pick_device, setup_logging
+
+INDEX_COLUMNS = COLUMNS + ["split"]
+
+
+def run_config(run_dir):
+    """The training config saved in a run folder."""
+    run_dir = Path(run_dir)
+    for candidate in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
+        if candidate.is_file():
+            return OmegaConf.load(candidate)
+    raise UserError(f"{run_dir} holds no config.yaml (or .hydra/config.yaml): is it a run folder "
+                    f"written by train.py? Pass path=outputs/<date>/<time>.")
+
+
+def test_dataset_config(train_cfg, cfg):
+    """The run's dataset config, with the test dataset / root overrides of infer."""
+    dcfg = OmegaConf.create(OmegaConf.to_container(train_cfg.dataset, resolve=True))
+    over = cfg.get("dataset") or {}
+    if over.get("test_idx") is not None:
+        dcfg.test_idx = over.test_idx
+    if over.get("root") is not None:
+        dcfg.root = over.root
+    return dcfg
+
+
+def infer(cfg):
+    setup_logging()
+    run_dir = Path(cfg.path)
+    if not run_dir.is_dir():
+        raise UserError(f"run folder {run_dir} does not exist; pass path=<the folder train.py wrote>.")
+    ckpt = load_checkpoint(run_dir / "model" / f"{cfg.mode}.pth")
+    train_cfg = OmegaConf.create(ckpt["config"])
+    dcfg = test_dataset_config(train_cfg, cfg)
+    splits = make_splits(dcfg, need_train=False)
+    rows = [dict(r, split="test") for _, r in splits.test]
+    roots = [root for root, _ in splits.test]
+    if cfg.dataset.get("generalized"):
+        ix = splits.test_index
+        seen_photos = [r for r in ix.rows_of(ix.seen) if r["m1"] == 0]
+        rows += [dict(r, split="seen") for r in seen_photos]
+        roots += [ix.root] * len(seen_photos)
+    if not rows:
+        raise UserError(f"the test split of {dcfg.test_idx} is empty; check the dataset root and split.")
+    device = pick_device(cfg.device)
+    model, _, eval_tf, tokenizer = build_model(OmegaConf.create(dict(train_cfg.model, pretrained=None)))
+    model.load_state_dict(ckpt["model"])
+    model.to(device)
+    log.info(f"embedding {len(rows)} images of {splits.test_index.name} ({splits.test_index.root}) "
+             f"with {run_dir / 'model' / (cfg.mode + '.pth')} on {device}")
+    emb = embed_rows(model, list(zip(roots, rows)), eval_tf, tokenizer, int(cfg.batch_size),
+                     int(cfg.num_workers), device, cfg.precision)
+    out = run_dir / "infer_output" / cfg.mode / output_key(dcfg.test_idx)
+    save_torch(torch.from_numpy(emb["img"]), out / "img_logits.pt")
+    save_torch(torch.from_numpy(emb["txt"]), out / "txt_logits.pt")
+    save_torch(torch.from_numpy(emb["converted"]), out / "converted_logits.pt")
+    save_csv(rows, INDEX_COLUMNS, out / "index.csv")
+    log.info(f"wrote {out}/{{img_logits,txt_logits,converted_logits}}.pt and index.csv")
+    return out

@@ -1,0 +1,125 @@
+"""evaluate(cfg): metrics of an infer_output folder -> eval_result.json beside the logits."""
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from data.datasets import output_key
+from retrieval.metrics import per_class, retrieval_metrics, summarize
+from utils.io import load_torch, save_json
+from utils.runtime import UserError, log, pick_device, setup_logging
+
+LOGIT_FILES = ("img_logits.pt", "txt_logits.pt", "converted_logits.pt")
+QUERY_KINDS = ("original", "converted")
+PHOTO_MODE = 0
+
+
+def find_output_folder(cfg):
+    """infer_output/<mode>/<dataset> of the run: from dataset.test_idx, the run's config, or the
+    only dataset folder there."""
+    base = Path(cfg.path) / "infer_output" / cfg.mode
+    test_idx = cfg.get("dataset", {}).get("test_idx")
+    if test_idx is None:
+        saved = Path(cfg.path) / "config.yaml"
+        if saved.is_file():
+            test_idx = OmegaConf.load(saved).dataset.test_idx
+    if test_idx is not None:
+        folder = base / output_key(test_idx)
+    else:
+        found = sorted(p for p in base.glob("*") if p.is_dir()) if base.is_dir() else []
+        if len(found) != 1:
+            raise UserError(f"{base} holds {len(found)} dataset folders {[p.name for p in found]}; "
+                            f"choose one with dataset.test_idx=<index or name>.")
+        folder = found[0]
+    if not folder.is_dir():
+        raise UserError(f"no inference output {folder}; run `python infer.py path={cfg.path} "
+                        f"mode={cfg.mode}` first.")
+    return folder
+
+
+def load_outputs(folder):
+    missing = [f for f in LOGIT_FILES + ("index.csv",) if not (folder / f).is_file()]
+    if missing:
+        raise UserError(f"{folder} lacks {missing}; re-run infer.py for this run and mode.")
+    tensors = {f: load_torch(folder / f) for f in LOGIT_FILES}
+    with open(folder / "index.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    n = {f: t.shape[0] for f, t in tensors.items()}
+    if len(set(n.values())) != 1 or len(rows) not in n.values():
+        raise UserError(f"{folder}: index.csv has {len(rows)} rows but the logits have {n} rows; "
+                        f"the files come from different runs. Re-run infer.py.")
+    return tensors, rows
+
+
+def evaluate(cfg):
+    setup_logging()
+    folder = find_output_folder(cfg)
+    tensors, rows = load_outputs(folder)
+    ecfg = cfg.eval
+    m1 = np.array([int(r["m1"]) for r in rows])
+    labels = np.array([int(r["label"]) for r in rows])
+    split = np.array([r.get("split") or "test" for r in rows])
+    q = (m1 != PHOTO_MODE) & (split == "test")
+    g = (m1 == PHOTO_MODE) & ((split == "test") | (bool(ecfg.generalized) & (split == "seen")))
+    if ecfg.generalized and not (split == "seen").any():
+        raise UserError(f"eval.generalized=true needs seen-class photos in {folder}; run "
+                        f"`python infer.py path={cfg.path} mode={cfg.mode} dataset.generalized=true`.")
+    if not q.any() or not g.any():
+        raise UserError(f"{folder} has {q.sum()} sketch queries and {g.sum()} photos; both must be > 0.")
+    img = tensors["img_logits.pt"].float()
+    queries = {"original": img[q], "converted": tensors["converted_logits.pt"][q][:, 0, PHOTO_MODE].float()}
+    device = pick_device(ecfg.device)
+    protocols = list(dict.fromkeys(["default"] + list(ecfg.protocols)))
+    results, tops = {}, {}
+    for kind in QUERY_KINDS:
+        per_query, tops[kind] = retrieval_metrics(
+            queries[kind], img[g], labels[q], labels[g], chunk_size=int(ecfg.chunk_size),
+            device=device, protocols=protocols, topk=int(ecfg.topk), desc=f"{kind} queries")
+        results[kind] = (summarize(per_query), per_query)
+    pair = lambda key: [results[k][0][key] for k in QUERY_KINDS]
+    out = {"mAP@all": pair("default/AP@all"), "mAP@200": pair("default/AP@200"),
+           "p@100": pair("default/P@100"), "p@200": pair("default/P@200")}
+    alt = {"hits_over_k": {"p@100": "P@100", "p@200": "P@200"},
+           "noninterp": {"mAP@all": "AP@all", "mAP@200": "AP@200"}}
+    out["protocols"] = {p: {k: pair(f"{p}/{v}") for k, v in alt[p].items()} for p in protocols if p in alt}
+    g_lab, q_lab = labels[g], labels[q]
+    n_rel = (q_lab[:, None] == g_lab[None, :]).sum(1) if q.sum() * g.sum() < 5e8 else \
+        np.array([np.count_nonzero(g_lab == l) for l in q_lab])
+    out["chance_mAP"] = float(np.mean(n_rel / g.sum()))
+    out["n_queries"], out["n_gallery"] = int(q.sum()), int(g.sum())
+    out["generalized"] = bool(ecfg.generalized)
+    name_of = {int(r["label"]): Path(r["img_path"]).parent.name for r in rows}
+    ap = {k: per_class(results[k][1]["default/AP@all"], q_lab) for k in QUERY_KINDS}
+    out["per_class_AP"] = {name_of[l]: [ap["original"][l], ap["converted"][l]] for l in sorted(ap["original"])}
+    paths = np.array([r["img_path"] for r in rows])
+    q_paths, g_paths = paths[q], paths[g]
+    out["top10_retrieved"] = {qp: {k: g_paths[tops[k][i]].tolist() for k in QUERY_KINDS}
+                              for i, qp in enumerate(q_paths)}
+    save_json(_nan_to_none(out), folder / "eval_result.json")
+    print(format_table(out, folder / "eval_result.json"))
+    return out
+
+
+def _nan_to_none(x):
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return x
+
+
+def format_table(out, path):
+    lines = [f"{'metric':<10} {'original':>10} {'converted':>10}"]
+    for key in ("mAP@all", "mAP@200", "p@100", "p@200"):
+        lines.append(f"{key:<10} {out[key][0]:>10.4f} {out[key][1]:>10.4f}")
+    for proto, vals in out.get("protocols", {}).items():
+        for key, v in vals.items():
+            lines.append(f"{key + ' (' + proto + ')':<10} {v[0]:>10.4f} {v[1]:>10.4f}")
+    lines.append(f"chance mAP (mean fraction of relevant photos per query): {out['chance_mAP']:.4f}")
+    lines.append(f"{out['n_queries']} sketch queries, {out['n_gallery']} photos; results in {path}")
+    return "\n".join(lines)

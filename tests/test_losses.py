@@ -1,0 +1,137 @@
+"""Each loss against a hand computation on small fixed tensors."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from model.modality import ModalityAwareCLIP, compute_losses
+
+D, K = 3, 4
+
+
+def unit(v):
+    v = torch.tensor(v, dtype=torch.float64)
+    return v / v.norm()
+
+
+@pytest.fixture
+def setup():
+    torch.manual_seed(0)
+    model = ModalityAwareCLIP(nn.Identity(), D, n_mode=K, temperature=math.log(2.0)).double()
+    with torch.no_grad():
+        model.modes.weight.copy_(torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.2, 0.0],
+                                               [0.0, 0.0, 0.3], [0.1, 0.1, 0.1]]))
+        model.disc.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0.5, 0.5, 0.5]]))
+        model.disc.bias.zero_()
+    z_img = torch.stack([unit([1.0, 0.0, 0.0]), unit([0.0, 1.0, 1.0])])
+    z_txt = torch.stack([unit([1.0, 1.0, 0.0]), unit([0.0, 0.0, 1.0])])
+    m1 = torch.tensor([0, 1])
+    m2 = torch.tensor([3, 3])
+    return model, z_img, z_txt, m1, m2
+
+
+def only(name):
+    return {n: (1.0 if n == name else 0.0) for n in ("clip", "sem", "rec", "disc", "orth")}
+
+
+def test_clip_loss_by_hand(setup):
+    model, zi, zt, m1, m2 = setup
+    total, losses = compute_losses(model, zi, zt, m1, m2, only("clip"))
+    s = 2.0  # exp(log 2)
+    # image->text logits row i: s * <zi_i, zt_j>
+    r = 1 / math.sqrt(2)
+    c = [[r, 0.0], [0.5, r]]  # cosines <zi_i, zt_j> of the unit vectors above
+    ce = lambda logits, t: -logits[t] + math.log(sum(math.exp(x) for x in logits))
+    i2t = (ce([s * c[0][0], s * c[0][1]], 0) + ce([s * c[1][0], s * c[1][1]], 1)) / 2
+    t2i = (ce([s * c[0][0], s * c[1][0]], 0) + ce([s * c[0][1], s * c[1][1]], 1)) / 2
+    assert losses["clip"].item() == pytest.approx((i2t + t2i) / 2, abs=1e-8)  # scale held in fp32
+    assert total.item() == pytest.approx(losses["clip"].item())
+    assert set(losses) == {"clip"}
+
+
+def _cos(a, b):
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def test_sem_loss_by_hand(setup):
+    model, zi, zt, m1, m2 = setup
+    m = model.modes.weight.detach()
+    _, losses = compute_losses(model, zi, zt, m1, m2, only("sem"))
+    expect = 0.0
+    for b in range(2):
+        e = (zi[b] + zt[b]) / 2
+        expect += (1 - _cos(zt[b] - m[m2[b]], e)) / 2 + (1 - _cos(zi[b] - m[m1[b]], e)) / 2
+    assert losses["sem"].item() == pytest.approx(expect, abs=1e-10)
+
+
+def test_rec_loss_by_hand(setup):
+    model, zi, zt, m1, m2 = setup
+    m = model.modes.weight.detach()
+    _, losses = compute_losses(model, zi, zt, m1, m2, only("rec"))
+    expect = 0.0
+    for b in range(2):
+        conv_txt_to_img_mode = zt[b] - m[m2[b]] + m[m1[b]]
+        conv_img_to_txt_mode = zi[b] - m[m1[b]] + m[m2[b]]
+        expect += (1 - _cos(conv_txt_to_img_mode, zi[b])) / 2 + (1 - _cos(conv_img_to_txt_mode, zt[b])) / 2
+    assert losses["rec"].item() == pytest.approx(expect, abs=1e-10)
+
+
+def test_disc_loss_by_hand(setup):
+    model, zi, zt, m1, m2 = setup
+    m = model.modes.weight.detach()
+    W = model.disc.weight.detach()
+    _, losses = compute_losses(model, zi, zt, m1, m2, only("disc"))
+
+    def side(z, src):
+        terms = []
+        for b in range(2):
+            for k in range(K):
+                if k == src[b]:
+                    continue
+                v = z[b] - m[src[b]] + m[k]
+                v = v / v.norm()
+                logits = W @ v
+                terms.append(-(logits[k] - torch.logsumexp(logits, 0)).item())
+        return sum(terms) / len(terms)
+
+    expect = (side(zt, m2) + side(zi, m1)) / 2
+    assert losses["disc"].item() == pytest.approx(expect, abs=1e-10)
+
+
+def test_orth_loss_by_hand(setup):
+    model, zi, zt, m1, m2 = setup
+    m = model.modes.weight.detach()
+    _, losses = compute_losses(model, zi, zt, m1, m2, only("orth"))
+    vals = []
+    for b in range(2):
+        e = (zi[b] + zt[b]) / 2
+        e = e / e.norm()
+        for k in range(K):
+            vals.append(sum(abs(e[j] * m[k, j]).item() for j in range(D)))
+    assert losses["orth"].item() == pytest.approx(sum(vals) / len(vals), abs=1e-10)
+
+
+def test_total_is_ratio_normalised_and_zero_ratio_switches_off(setup):
+    model, zi, zt, m1, m2 = setup
+    ratios = dict(clip=1.0, sem=0.1, rec=0.02, disc=0.1, orth=0.0)
+    total, losses = compute_losses(model, zi, zt, m1, m2, ratios)
+    assert "orth" not in losses
+    expect = (1.0 * losses["clip"] + 0.1 * losses["sem"] + 0.02 * losses["rec"]
+              + 0.1 * losses["disc"]) / 1.22
+    assert total.item() == pytest.approx(expect.item(), abs=1e-12)
+    ratios["orth"] = 0.5
+    total2, losses2 = compute_losses(model, zi, zt, m1, m2, ratios)
+    assert "orth" in losses2
+    assert total2.item() == pytest.approx(((expect * 1.22) + 0.5 * losses2["orth"]).item() / 1.72, abs=1e-12)
+    with pytest.raises(ValueError):
+        compute_losses(model, zi, zt, m1, m2, {k: 0.0 for k in ratios})
+
+
+def test_gradients_reach_mode_vectors_and_discriminator(setup):
+    model, zi, zt, m1, m2 = setup
+    total, _ = compute_losses(model, zi, zt, m1, m2, dict(clip=1, sem=0.1, rec=0.02, disc=0.1, orth=0))
+    total.backward()
+    assert model.modes.weight.grad.abs().sum() > 0
+    assert model.disc.weight.grad.abs().sum() > 0
+    assert model.logit_scale.grad is not None

@@ -1,0 +1,71 @@
+"""torch.distributed set-up for torchrun, and the feature gather of the contrastive loss."""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+
+def init_distributed():
+    """Join the process group torchrun describes in the environment; a no-op without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank, local_rank, world)
+
+
+class GatherFeatures:
+    """All ranks' image and text features, with gradients flowing back to their owners
+    (as open_clip's gather_with_grad). `offset` is where this rank's rows start."""
+
+    def __init__(self, info):
+        self.info = info
+        self.offset = 0
+
+    def __call__(self, z_img, z_txt):
+        self.offset = self.info.rank * z_img.shape[0]
+        all_img = torch.cat(torch.distributed.nn.all_gather(z_img), dim=0)
+        all_txt = torch.cat(torch.distributed.nn.all_gather(z_txt), dim=0)
+        return all_img, all_txt
+
+
+def all_reduce_sum(t):
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_cat(t):
+    """Concatenate a tensor of any first-dim size from all ranks, in rank order."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return t
+    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([t.shape[0]], device=t.device))
+    top = int(max(s.item() for s in sizes))
+    padded = torch.zeros((top,) + t.shape[1:], dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    out = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])

@@ -1,0 +1,64 @@
+"""Device, seeding, precision and logging helpers shared by train, infer and evaluate."""
+import logging
+import os
+import random
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+log = logging.getLogger("ma_sbir")
+
+
+def pick_device(name="auto"):
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast(device, precision):
+    """The one autocast helper: bf16/fp16 mixed precision on CUDA, plain fp32 elsewhere."""
+    if device.type != "cuda" or precision == "fp32":
+        return nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def setup_logging(log_file=None):
+    """Log to stderr and, when given, to a file (the run's train.log)."""
+    log.disabled = False  # Hydra's logging set-up may disable loggers created before it
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    fmt = logging.Formatter("[%(asctime)s][%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+        h.close()
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(fmt)
+    log.addHandler(stream)
+    if log_file is not None:
+        os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    return log
+
+
+class UserError(Exception):
+    """An error caused by input (config, data, files): printed as one paragraph, exit code 1."""
+
+
+def run_cli(fn, *args):
+    """Run an entry point's function; a UserError prints one readable message and exits 1."""
+    try:
+        return fn(*args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
