@@ -82,7 +82,10 @@ def resolve_root(name, root_cfg):
     root = root or os.environ.get(spec.env_var)
     if name == "demo":
         from data.demo import DEFAULT_ROOT, generate
-        return generate(root or DEFAULT_ROOT)
+        if not root:
+            return generate(DEFAULT_ROOT)
+        if not (Path(root) / "demo.json").is_file():
+            return generate(root)  # first use of a custom demo location
     if not root:
         raise UserError(
             f"no root folder given for dataset {name!r}. Pass dataset.root.{name}=/path/to/data "

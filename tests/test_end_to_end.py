@@ -1,0 +1,68 @@
+"""One tiny train -> infer -> evaluate run in tmp_path, through the real configs."""
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from model.inference import infer
+from model.trainer import train
+from retrieval.evaluate import evaluate
+from tests.conftest import compose_cfg
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, demo_root):
+    run = tmp_path_factory.mktemp("run")
+    cfg = compose_cfg("config-train", [
+        "dataset=demo", "model=tiny", f"dataset.root={demo_root}", "train.epochs=2",
+        "train.batch_size=32", "train.num_workers=0", "train.warmup_steps=2", "device=cpu",
+        "logger.wandb.mode=disabled", "eval.chunk_size=16"])
+    result = train(cfg, run)
+    return run, result
+
+
+def test_training_writes_checkpoints_log_and_config(trained_run):
+    run, result = trained_run
+    for name in ("model/best.pth", "model/last.pth", "train.log", "config.yaml"):
+        assert (run / name).is_file(), name
+    ckpt = torch.load(run / "model" / "last.pth", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["config"]["model"]["backbone"] == "ma-tiny"
+    assert "epoch 2 done" in (run / "train.log").read_text()
+    assert len(result["history"]) == 2 and all(h["val_map"] is not None for h in result["history"])
+
+
+def test_infer_then_evaluate(trained_run, demo_root):
+    run, _ = trained_run
+    out = infer(compose_cfg("config-infer", [f"path={run}", "device=cpu", "num_workers=0", "batch_size=50"]))
+    assert out == run / "infer_output" / "best" / "demo"
+    img, txt, conv = (torch.load(out / f, weights_only=True) for f in
+                      ("img_logits.pt", "txt_logits.pt", "converted_logits.pt"))
+    rows = list(csv.DictReader(open(out / "index.csv")))
+    n = 6 * 16  # 6 unseen classes x (8 photos + 8 sketches)
+    assert img.shape == txt.shape == (n, 128) and conv.shape == (n, 2, 4, 128) and len(rows) == n
+    assert set(rows[0]) >= {"img_path", "text", "m1", "m2", "label"}
+    assert all((demo_root / r["img_path"]).is_file() for r in rows)
+    torch.testing.assert_close(img.norm(dim=1), torch.ones(n))
+    # rows with the same prompt share one text embedding
+    same = [i for i, r in enumerate(rows) if r["text"] == rows[0]["text"]]
+    assert all(torch.equal(txt[i], txt[same[0]]) for i in same)
+    # the converted photo-mode vector of a photo is its own embedding (z - m_0 + m_0)
+    photo = next(i for i, r in enumerate(rows) if r["m1"] == "0")
+    torch.testing.assert_close(conv[photo, 0, 0], img[photo], atol=1e-5, rtol=0)
+
+    result = evaluate(compose_cfg("config-eval", [f"path={run}", "eval.device=cpu",
+                                                  "eval.protocols=[default,hits_over_k,noninterp]"]))
+    saved = json.loads((out / "eval_result.json").read_text())
+    for key in ("mAP@all", "mAP@200", "p@100", "p@200"):
+        assert len(saved[key]) == 2 and all(0 <= v <= 1 for v in saved[key])
+    assert saved["n_queries"] == 48 and saved["n_gallery"] == 48
+    assert saved["chance_mAP"] == pytest.approx(8 / 48)
+    assert set(saved["per_class_AP"]) == {"kite", "sun", "bottle", "leaf", "tent", "cross"}
+    assert len(saved["top10_retrieved"]) == 48
+    first = next(iter(saved["top10_retrieved"].values()))
+    assert len(first["original"]) == 10 and len(first["converted"]) == 10
+    assert set(saved["protocols"]) == {"hits_over_k", "noninterp"}
+    # P@100 with 8 relevant photos: the default protocol looks at the top 8 only
+    assert not math.isnan(result["p@100"][0])

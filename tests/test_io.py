@@ -1,0 +1,48 @@
+"""Atomic writes and safe checkpoint loading."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from utils.io import UnsafeCheckpointError, load_torch, save_json, save_torch
+
+
+def test_failed_save_leaves_previous_file_intact(tmp_path, monkeypatch):
+    path = tmp_path / "model" / "last.pth"
+    save_torch({"w": torch.ones(3)}, path)
+
+    def crash(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed mid-save")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_torch({"w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_torch(path)["w"], torch.ones(3))
+    assert os.listdir(path.parent) == ["last.pth"]  # no temporary file left behind
+
+
+def test_failed_json_write_leaves_previous_file(tmp_path):
+    path = tmp_path / "eval_result.json"
+    save_json({"a": 1}, path)
+    with pytest.raises(TypeError):
+        save_json({"a": object()}, path)
+    assert path.read_text().replace(" ", "").replace("\n", "") == '{"a":1}'
+    assert os.listdir(tmp_path) == ["eval_result.json"]
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_BY_CHECKPOINT",))
+
+
+def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"model": Payload()}, f)
+    with pytest.raises(UnsafeCheckpointError, match="refused to load"):
+        load_torch(path)
+    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
