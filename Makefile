@@ -13,11 +13,13 @@ $(STAMP): requirements.txt requirements-test.txt
 
 install: $(STAMP)
 
+DEMO_RUN := outputs/demo/$(shell date +%Y-%m-%d_%H-%M-%S)
+
 demo: $(STAMP)
 	$(PY) -m data.demo
-	$(PY) train.py --config-name config-train dataset=demo model=tiny hydra.run.dir=outputs/demo
-	$(PY) infer.py path=outputs/demo
-	$(PY) evaluate.py path=outputs/demo
+	$(PY) train.py dataset=demo model=tiny hydra.run.dir=$(DEMO_RUN)
+	$(PY) infer.py path=$(DEMO_RUN)
+	$(PY) evaluate.py path=$(DEMO_RUN)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -1,0 +1,68 @@
+"""Never lose a run: resume equals a straight run; SIGTERM saves last.pth; non-finite loss stops."""
+import os
+import signal
+
+import pytest
+import torch
+
+from model.trainer import resume_config, train
+from utils.runtime import UserError
+
+
+def weights(run):
+    return torch.load(run / "model" / "last.pth", weights_only=True)["model"]
+
+
+def test_resume_equals_straight_run(tmp_path, tiny_train_cfg):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(tiny_train_cfg("train.epochs=2"), straight)
+    train(tiny_train_cfg("train.epochs=1"), stopped)
+    assert torch.load(stopped / "model" / "last.pth", weights_only=True)["epoch"] == 1
+    result = train(resume_config(stopped, ["train.epochs=2", f"resume={stopped}"]), stopped)
+    assert [h["epoch"] for h in result["history"]] == [1, 2]
+    a, b = weights(straight), weights(stopped)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+    log = (stopped / "train.log").read_text()
+    assert "resumed from" in log and "epoch 2 done" in log
+
+
+def test_sigterm_saves_last_checkpoint_and_exits(tmp_path, tiny_train_cfg):
+    run = tmp_path / "run"
+
+    original = torch.optim.AdamW.step
+
+    def step_then_signal(self, *a, **k):
+        out = original(self, *a, **k)
+        if not getattr(step_then_signal, "sent", False):  # a kill after the first step
+            step_then_signal.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    torch.optim.AdamW.step = step_then_signal
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train(tiny_train_cfg("train.epochs=3"), run)
+    finally:
+        torch.optim.AdamW.step = original
+    assert stop.value.code == 128 + signal.SIGTERM
+    ckpt = torch.load(run / "model" / "last.pth", weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["batch_in_epoch"] == 1 and ckpt["step"] == 1
+    result = train(resume_config(run, ["train.epochs=1"]), run)
+    assert result["history"][-1]["epoch"] == 1
+
+
+def test_nonfinite_loss_stops_with_a_message_and_keeps_last_good(tmp_path, tiny_train_cfg, monkeypatch):
+    run = tmp_path / "run"
+    train(tiny_train_cfg(), run)
+    good = weights(run)
+    import model.modality as modality
+    real = modality.compute_losses
+
+    def poisoned(*a, **k):
+        total, losses = real(*a, **k)
+        return total * float("nan"), losses
+    monkeypatch.setattr(modality, "compute_losses", poisoned)
+    with pytest.raises(UserError, match=r"non-finite loss at epoch 2, step \d+: total=nan, clip="):
+        train(resume_config(run, ["train.epochs=2"]), run)
+    for k, v in weights(run).items():
+        assert torch.equal(v, good[k])
