@@ -6,6 +6,7 @@ class name (`cls`) kept in memory for splitting and reports.
 """
 import csv
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,8 +104,14 @@ def prompt_for(name, cls):
 
 
 def class_key(folder_name):
-    """Class folder names compare with split lists after spaces become underscores."""
+    """A class folder's name with spaces as underscores (the form used in prompts and reports)."""
     return folder_name.strip().replace(" ", "_")
+
+
+def match_key(name):
+    """Names match across photo folders, sketch folders and split files ignoring case, spaces,
+    underscores and hyphens ('table lamp' = 'tablelamp' = 'Table_Lamp')."""
+    return re.sub(r"[\s_\-]", "", name.lower())
 
 
 def read_class_list(path):
@@ -148,18 +155,24 @@ def pick_layout(root, alternatives, what, name):
 
 @dataclass
 class Scan:
-    """What a layout scan found: class -> {mode: [relative paths]}, and what it skipped."""
+    """What a layout scan found: class -> {mode: [relative paths]} (classes keyed by match_key,
+    `names` holds each one's folder spelling), the folders scanned, and the files skipped."""
     images: dict
+    names: dict
+    folders: dict
     skipped: list
 
 
 def scan_layout(name, root):
     spec = DATASETS[name]
-    images, skipped = {}, []
+    images, names, folders, skipped = {}, {}, {}, []
     for mode, alts, what in ((PHOTO, spec.photo_dirs, "photo"), (SKETCH, spec.sketch_dirs, "sketch")):
-        for folder in pick_layout(root, alts, what, name):
+        folders[mode] = pick_layout(root, alts, what, name)
+        for folder in folders[mode]:
             for cls_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-                files = images.setdefault(class_key(cls_dir.name), {PHOTO: [], SKETCH: []})[mode]
+                key = match_key(cls_dir.name)
+                names.setdefault(key, class_key(cls_dir.name))
+                files = images.setdefault(key, {PHOTO: [], SKETCH: []})[mode]
                 for f in sorted(cls_dir.iterdir()):
                     if f.name.startswith(".") or not f.is_file():
                         continue
@@ -167,7 +180,7 @@ def scan_layout(name, root):
                         files.append(f.relative_to(root).as_posix())
                     else:
                         skipped.append(f.relative_to(root).as_posix())
-    return Scan(images, skipped)
+    return Scan(images, names, folders, skipped)
 
 
 def safe_relpath(root, rel, where):

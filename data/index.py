@@ -3,7 +3,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.datasets import (PHOTO, SKETCH, TEXT, prompt_for, read_annotation_csv,
+from data.datasets import (PHOTO, SKETCH, TEXT, match_key, prompt_for, read_annotation_csv,
                            read_class_list, resolve_name, resolve_root, scan_layout, split_file)
 from utils.runtime import UserError
 
@@ -37,20 +37,24 @@ def build_index(idx, dcfg):
     scan = scan_layout(name, root)
     unseen_path = split_file(name, _cfg_get(dcfg, "split"), root, _cfg_get(dcfg, "unseen_file"))
     unseen = read_class_list(unseen_path)
-    unknown = [c for c in unseen if c not in scan.images]
+    unknown = [c for c in unseen if match_key(c) not in scan.images]
     if unknown:
         raise UserError(
             f"split file {unseen_path} names class(es) {unknown} that {root} does not have. "
-            f"Fix the class names in the split file (spaces and underscores are the same), or "
-            f"check that dataset.root points at the full {name} download.")
-    seen = sorted(c for c in scan.images if c not in set(unseen))
-    label_of = {c: i + 1 for i, c in enumerate(seen + unseen)}
+            f"Fix the class names in the split file (case, spaces and underscores do not matter), "
+            f"or check that dataset.root points at the full {name} download.")
+    spelling = dict(scan.names)
+    spelling.update({match_key(c): c for c in unseen})  # unseen classes as the split file spells them
+    unseen_keys = [match_key(c) for c in unseen]
+    seen_keys = sorted((k for k in scan.images if k not in set(unseen_keys)), key=lambda k: spelling[k])
     rows = []
-    for cls in seen + unseen:
+    for label, key in enumerate(seen_keys + unseen_keys, start=1):
+        cls = spelling[key]
         text = prompt_for(name, cls)
         for mode in (PHOTO, SKETCH):
-            rows += [dict(img_path=p, text=text, m1=mode, m2=TEXT, label=label_of[cls], cls=cls)
-                     for p in scan.images[cls][mode]]
+            rows += [dict(img_path=p, text=text, m1=mode, m2=TEXT, label=label, cls=cls)
+                     for p in scan.images[key][mode]]
+    seen = [spelling[k] for k in seen_keys]
     return DatasetIndex(name, root, rows, seen, unseen, scan.skipped)
 
 
@@ -74,6 +78,7 @@ class Splits:
     train_classes: list
     val_classes: list
     test_index: DatasetIndex | None
+    indices: dict       # name -> DatasetIndex of every dataset involved
 
 
 def seen_class_split(seen, cls_ratio, seed):
@@ -108,16 +113,23 @@ def make_splits(dcfg, need_test=True, need_train=True):
     test, test_index = [], None
     if test_idx is not None:
         test_index = indices[resolve_name(test_idx)]
-        leaked = sorted(set(test_index.unseen) & set(train_classes + val_classes))
+        trained = {match_key(c) for c in train_classes + val_classes}
+        leaked = sorted(c for c in test_index.unseen if match_key(c) in trained)
         if leaked:
             raise UserError(
                 f"unseen test class(es) {leaked} of {test_index.name} are also training classes "
                 f"of {[resolve_name(i) for i in train_ids]}; that is not zero-shot. Remove that "
                 f"training dataset or choose another split (dataset.split).")
         test = [(test_index.root, r) for r in test_index.rows_of(test_index.unseen)]
-        if not any(r["m1"] == SKETCH for _, r in test) or not any(r["m1"] == PHOTO for _, r in test):
-            raise UserError(f"the test split of {test_index.name} at {test_index.root} has no "
-                            f"sketches or no photos; check the unseen classes' folders.")
+        lacking = {what: sorted(c for c in test_index.unseen
+                                if not any(r["cls"] == c and r["m1"] == mode for _, r in test))
+                   for what, mode in (("sketch", SKETCH), ("photo", PHOTO))}
+        if lacking["sketch"] or lacking["photo"]:
+            raise UserError(
+                f"every unseen class of {test_index.name} needs sketches and photos, but at "
+                f"{test_index.root} class(es) {lacking['sketch']} have no sketch images and "
+                f"{lacking['photo']} no photos. Check those class folders, or take the classes "
+                f"out of the split file.")
     if need_train and not train:
         raise UserError("the training split is empty: check dataset.train_idx and the dataset root.")
-    return Splits(train, val, test, train_classes, val_classes, test_index)
+    return Splits(train, val, test, train_classes, val_classes, test_index, indices)

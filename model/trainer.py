@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from data.check import check_structure
 from data.index import make_splits
 from data.loader import PromptTable, SketchPhotoDataset, collate
 from model.backbone import build_model, loss_ratios
@@ -161,6 +162,12 @@ def train(cfg, run_dir):
     seed_everything(int(cfg.seed))
 
     splits = make_splits(cfg.dataset)
+    report = check_structure(splits)
+    for w in report.warnings[:20]:
+        log.warning(w)
+    if report.errors:
+        raise UserError("the dataset check found problems:\n  " + "\n  ".join(report.errors)
+                        + "\nFix them (python -m data.check lists everything) and start again.")
     model, train_tf, eval_tf, tokenizer = build_model(cfg.model)
     model.to(device)
     ratios = loss_ratios(cfg.model)

@@ -1,0 +1,112 @@
+"""Check a dataset folder before training: python -m data.check dataset=<name> dataset.root...=<dir>
+
+Prints, per split, the classes and image counts per modality, then every problem found: missing
+class folders (a class with photos but no sketches or the reverse), empty classes, unreadable
+images, unexpected file extensions, paths leaving the root. Exit code 1 when there are errors.
+`check.decode=false` skips decoding every image (the cheap part, which training runs first).
+"""
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from PIL import Image
+from tqdm import tqdm
+
+from data.datasets import PHOTO, SKETCH
+from data.index import make_splits
+from utils.runtime import UserError
+
+
+@dataclass
+class Report:
+    errors: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+    counts: dict = field(default_factory=dict)   # split -> class -> [photos, sketches]
+
+
+def count(rows):
+    table = {}
+    for _, r in rows:
+        table.setdefault(r["cls"], [0, 0])[0 if r["m1"] == PHOTO else 1] += 1
+    return table
+
+
+def structure_problems(index, report):
+    """The cheap checks: no decoding."""
+    by_class = {}
+    for r in index.rows:
+        by_class.setdefault(r["cls"], [0, 0])[0 if r["m1"] == PHOTO else 1] += 1
+    for cls in index.seen + index.unseen:
+        photos, sketches = by_class.get(cls, [0, 0])
+        if photos == 0 and sketches == 0:
+            report.errors.append(f"{index.name}: class {cls!r} has no images (empty class folders)")
+        elif photos == 0 or sketches == 0:
+            missing = "photo" if photos == 0 else "sketch"
+            msg = f"{index.name}: class {cls!r} has no {missing} images (missing or empty {missing} folder)"
+            (report.errors if cls in index.unseen else report.warnings).append(msg)
+    for path in index.skipped:
+        report.warnings.append(f"{index.name}: unexpected file {index.root / path} (not an image; ignored)")
+
+
+def check_structure(splits):
+    """The cheap part of the check, run by training before it starts."""
+    report = Report()
+    for ix in splits.indices.values():
+        structure_problems(ix, report)
+    return report
+
+
+def decode_problems(rows, report, progress=True):
+    for root, r in tqdm(rows, desc="decoding images", disable=not progress, dynamic_ncols=True):
+        path = root / r["img_path"]
+        try:
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as e:  # PIL raises many types for corrupt files
+            report.errors.append(f"unreadable image {path}: {type(e).__name__}: {e}")
+
+
+def check_dataset(dcfg, decode=True, progress=True, need_test=True):
+    try:
+        splits = make_splits(dcfg, need_test=need_test)
+    except UserError as e:
+        return Report(errors=[str(e)])
+    report = check_structure(splits)
+    report.counts = {"train": count(splits.train), "val": count(splits.val), "test": count(splits.test)}
+    if decode:
+        decode_problems(splits.train + splits.val + splits.test, report, progress)
+    return report
+
+
+def format_report(report):
+    lines = []
+    for split, table in report.counts.items():
+        photos = sum(v[0] for v in table.values())
+        sketches = sum(v[1] for v in table.values())
+        lines.append(f"{split}: {len(table)} classes, {photos} photos, {sketches} sketches")
+        for cls, (p, s) in sorted(table.items()):
+            lines.append(f"  {cls:<28} {p:>7} photos {s:>7} sketches")
+    for w in report.warnings:
+        lines.append(f"warning: {w}")
+    for e in report.errors:
+        lines.append(f"error: {e}")
+    lines.append(f"{len(report.errors)} error(s), {len(report.warnings)} warning(s)")
+    return "\n".join(lines)
+
+
+def main(argv):
+    from hydra import compose, initialize_config_dir
+
+    setting = Path(__file__).resolve().parent.parent / "setting"
+    overrides = [a for a in argv if not a.startswith("check.")]
+    opts = OmegaConf.from_dotlist([a for a in argv if a.startswith("check.")]).get("check", {})
+    with initialize_config_dir(config_dir=str(setting), version_base="1.3"):
+        cfg = compose(config_name="config-train", overrides=overrides)
+    report = check_dataset(cfg.dataset, decode=bool(opts.get("decode", True)))
+    print(format_report(report))
+    return 1 if report.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
