@@ -9,7 +9,7 @@ from data.index import make_splits
 from model.backbone import build_model
 from model.checkpoint import load_checkpoint
 from model.embed import embed_rows
-from utils.io import save_csv, save_torch
+from utils.io import save_csv, save_json, save_torch
 from utils.runtime import UserError, log, pick_device, setup_logging
 
 INDEX_COLUMNS = COLUMNS + ["split"]
@@ -56,7 +56,13 @@ def infer(cfg):
         raise UserError(f"the test split of {dcfg.test_idx} is empty; check the dataset root and split.")
     device = pick_device(cfg.device)
     model, _, eval_tf, tokenizer = build_model(OmegaConf.create(dict(train_cfg.model, pretrained=None)))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"{run_dir / 'model' / (cfg.mode + '.pth')} does not fit the model its config "
+                        f"describes (model.backbone={train_cfg.model.backbone}, model.n_mode="
+                        f"{train_cfg.model.n_mode}): {str(e).splitlines()[0]} The file was changed or "
+                        f"comes from another run; use that run's folder.") from None
     model.to(device)
     log.info(f"embedding {len(rows)} images of {splits.test_index.name} ({splits.test_index.root}) "
              f"with {run_dir / 'model' / (cfg.mode + '.pth')} on {device}")
@@ -67,5 +73,8 @@ def infer(cfg):
     save_torch(torch.from_numpy(emb["txt"]), out / "txt_logits.pt")
     save_torch(torch.from_numpy(emb["converted"]), out / "converted_logits.pt")
     save_csv(rows, INDEX_COLUMNS, out / "index.csv")
+    save_json(dict(dataset=splits.test_index.name, root=str(splits.test_index.root), mode=cfg.mode,
+                   checkpoint=str(run_dir / "model" / f"{cfg.mode}.pth"), epoch=ckpt.get("epoch"),
+                   generalized=bool(cfg.dataset.get("generalized"))), out / "infer_meta.json")
     log.info(f"wrote {out}/{{img_logits,txt_logits,converted_logits}}.pt and index.csv")
     return out

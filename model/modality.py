@@ -16,6 +16,9 @@ class ModalityAwareCLIP(nn.Module):
     def __init__(self, clip, embed_dim, n_mode=4, temperature=2.6592):
         super().__init__()
         self.clip = clip
+        for unused in ("logit_scale", "logit_bias"):  # open_clip's own; this model keeps its own scale
+            if isinstance(getattr(clip, unused, None), nn.Parameter):
+                getattr(clip, unused).requires_grad_(False)
         self.n_mode = n_mode
         self.modes = nn.Embedding(n_mode, embed_dim)
         nn.init.normal_(self.modes.weight, std=embed_dim ** -0.5)

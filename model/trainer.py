@@ -1,7 +1,9 @@
 """train(cfg, run_dir): the training loop of the modality-aware model."""
+import itertools
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -10,6 +12,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from data.check import check_structure
@@ -19,35 +22,29 @@ from model.backbone import build_model, loss_ratios
 from model.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from model.embed import embed_rows
 from retrieval.metrics import retrieval_metrics, summarize
-from utils.distributed import GatherFeatures, init_distributed
+from utils.distributed import GatherFeatures, all_gather_cat, init_distributed
 from utils.io import save_text
 from utils.runtime import UserError, autocast, log, pick_device, seed_everything, setup_logging
 
 
-class EpochSampler(torch.utils.data.Sampler):
-    """A fresh, seeded permutation each epoch; this rank's share under DDP; can start mid-epoch."""
+class ResumableSampler(torch.utils.data.Sampler):
+    """A DistributedSampler (each rank its share of a seeded per-epoch permutation; one rank
+    when not distributed) that can start part-way through an epoch, for exact resume."""
 
-    def __init__(self, n, seed, rank=0, world=1, shuffle=True):
-        self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
-        self.epoch, self.start = 0, 0
+    def __init__(self, dataset, seed, rank=0, world=1):
+        self.base = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
+                                       seed=seed, drop_last=world > 1)
+        self.start = 0
 
     def set_epoch(self, epoch, start=0):
-        self.epoch, self.start = epoch, start
-
-    def _indices(self):
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            idx = torch.randperm(self.n, generator=g).tolist()
-        else:
-            idx = list(range(self.n))
-        per_rank = self.n // self.world
-        return idx[self.rank * per_rank:(self.rank + 1) * per_rank] if self.world > 1 else idx
+        self.base.set_epoch(epoch)
+        self.start = start
 
     def __iter__(self):
-        return iter(self._indices()[self.start:])
+        return itertools.islice(iter(self.base), self.start, None)
 
     def __len__(self):
-        return len(self._indices()) - self.start
+        return len(self.base) - self.start
 
 
 def param_groups(model, lr, clip_lr, weight_decay):
@@ -136,15 +133,18 @@ def init_wandb(cfg, run_dir, run_id):
     return None
 
 
-def validate(model, rows, transform, tokenizer, cfg, device):
-    """mAP@all (default protocol) of sketch -> photo retrieval on the validation classes."""
-    emb = embed_rows(model, rows, transform, tokenizer, batch_size=cfg.train.batch_size,
+def validate(model, rows, transform, tokenizer, cfg, device, info):
+    """mAP@all (default protocol) of sketch -> photo retrieval on the validation classes; each rank
+    embeds its share of the images, the embeddings are gathered and every rank gets the score."""
+    mine = rows[info.rank::info.world_size]
+    emb = embed_rows(model, mine, transform, tokenizer, batch_size=cfg.train.batch_size,
                      num_workers=cfg.train.num_workers, device=device, precision=cfg.train.precision,
                      progress=False, with_converted=False)
-    m1 = np.array([r["m1"] for _, r in rows])
-    labels = np.array([r["label"] for _, r in rows])
-    q, g = m1 == 1, m1 == 0
-    per_query, _ = retrieval_metrics(emb["img"][q], emb["img"][g], labels[q], labels[g],
+    z = all_gather_cat(torch.from_numpy(emb["img"]).to(device)).cpu()
+    meta = torch.tensor([[r["m1"], r["label"]] for _, r in mine], dtype=torch.long, device=device)
+    meta = all_gather_cat(meta).cpu()
+    q, g = meta[:, 0] == 1, meta[:, 0] == 0
+    per_query, _ = retrieval_metrics(z[q], z[g], meta[q, 1], meta[g, 1],
                                      chunk_size=cfg.eval.chunk_size, device=device, progress=False)
     return summarize(per_query)["default/AP@all"]
 
@@ -178,7 +178,7 @@ def train(cfg, run_dir):
     tokens = prompts.tokens.to(device)
     dataset = SketchPhotoDataset(splits.train, transform, prompts)
     per_rank_batch = int(cfg.train.batch_size)
-    sampler = EpochSampler(len(dataset), int(cfg.seed), info.rank, info.world_size)
+    sampler = ResumableSampler(dataset, int(cfg.seed), info.rank, info.world_size)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=min(int(cfg.train.num_workers), os.cpu_count() or 1),
         collate_fn=collate, drop_last=info.enabled, pin_memory=device.type == "cuda",
@@ -289,8 +289,8 @@ def train(cfg, run_dir):
             bar.close()
             epoch, batch_in_epoch = epoch + 1, 0
             score = None
-            if splits.val and info.is_main:
-                score = validate(model, splits.val, eval_tf, tokenizer, cfg, device)
+            if splits.val:
+                score = validate(model, splits.val, eval_tf, tokenizer, cfg, device, info)
             history.append(dict(epoch=epoch, step=step, val_map=score, loss=running,
                                 seconds=time.time() - t0))
             if info.is_main:
@@ -326,3 +326,12 @@ def resume_config(run_dir, overrides=()):
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in extra]))
     cfg.resume = str(run_dir)
     return cfg
+
+
+def discard_unfinished_run(run_dir):
+    """Remove a run folder that holds no checkpoint (a run that failed before its first save,
+    or Hydra's fresh folder of a resumed run): a failed start leaves no partial output."""
+    run_dir = Path(run_dir)
+    if run_dir.is_dir() and not any((run_dir / "model").glob("*.pth")):
+        setup_logging(None)  # release train.log
+        shutil.rmtree(run_dir, ignore_errors=True)

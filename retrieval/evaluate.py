@@ -1,5 +1,6 @@
 """evaluate(cfg): metrics of an infer_output folder -> eval_result.json beside the logits."""
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from omegaconf import OmegaConf
 
 from data.datasets import output_key
 from retrieval.metrics import per_class, retrieval_metrics, summarize
+from retrieval.report import write_report
 from utils.io import load_torch, save_json
 from utils.runtime import UserError, log, pick_device, setup_logging
 
@@ -100,7 +102,29 @@ def evaluate(cfg):
                               for i, qp in enumerate(q_paths)}
     save_json(_nan_to_none(out), folder / "eval_result.json")
     print(format_table(out, folder / "eval_result.json"))
+    rcfg = ecfg.get("report", {})
+    if rcfg.get("enabled", True):
+        report = make_report(folder, _nan_to_none(out), rows, rcfg)
+        if report:
+            print(f"visual report: {report}")
     return out
+
+
+def make_report(folder, result, rows, rcfg):
+    """report.html when the images can be found (eval.report.image_root, else the dataset root
+    that infer.py recorded); otherwise a warning, since the metrics do not need the images."""
+    root = rcfg.get("image_root")
+    meta = folder / "infer_meta.json"
+    if root is None and meta.is_file():
+        root = json.loads(meta.read_text()).get("root")
+    missing = [r["img_path"] for r in rows[:50] if root is None or not (Path(root) / r["img_path"]).is_file()]
+    if missing:
+        log.warning(f"no visual report: images such as {missing[0]} are not under {root}; pass "
+                    f"eval.report.image_root=<dataset root> (or eval.report.enabled=false).")
+        return None
+    return write_report(folder, result, rows, root, n_queries=int(rcfg.get("n_queries", 20)),
+                        grid_queries=int(rcfg.get("grid_queries", 8)), seed=int(rcfg.get("seed", 0)),
+                        grid_kind=rcfg.get("grid_kind", "original"))
 
 
 def _nan_to_none(x):

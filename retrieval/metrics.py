@@ -25,39 +25,59 @@ def _reverse_cummax(x):
     return torch.flip(torch.cummax(torch.flip(x, dims=[1]), dim=1).values, dims=[1])
 
 
-def _chunk_metrics(sims, q_lab, g_lab, ap_cut, ks, protocols):
-    order = torch.sort(sims, dim=1, descending=True, stable=True).indices
-    rel = g_lab[order] == q_lab[:, None]
-    n_pos = rel.sum(1)
-    hits = rel.cumsum(1, dtype=torch.int32)
-    ranks = torch.arange(1, rel.shape[1] + 1, device=sims.device, dtype=torch.float32)
-    prec = hits.float() / ranks
-    relf = rel.float()
-    npos_f = n_pos.float()
-    nan = torch.full_like(npos_f, math.nan)
+def ranking_keys(sims):
+    """int64 keys, unique per row, whose descending order is the ranking: similarity descending,
+    ties by gallery index ascending. (Float bits mapped to order-preserving ints, index below.)"""
+    bits = (sims.float() + 0.0).contiguous().view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    n = sims.shape[1]
+    return ordered * (1 << 32) + (n - 1 - torch.arange(n, device=sims.device))
+
+
+def hit_ranks(keys, relevant):
+    """1-based ranks of the relevant gallery items for each row, ascending: [rows, P].
+
+    Sorts only the P relevant keys of a row and counts, for each, the gallery items ranked
+    above it with one binary search per gallery item: O(G log P), not O(G log G)."""
+    asc = torch.sort(keys[:, relevant], dim=1).values
+    below = torch.searchsorted(asc, keys)  # per gallery item: relevant keys under its key
+    counts = torch.zeros(keys.shape[0], asc.shape[1] + 1, dtype=torch.int64, device=keys.device)
+    counts.scatter_add_(1, below, torch.ones_like(below))
+    above = torch.flip(torch.cumsum(torch.flip(counts, dims=[1]), dim=1), dims=[1])[:, 1:]
+    return torch.flip(above, dims=[1]) + 1
+
+
+def _group_metrics(ranks, ap_cut, ks, protocols):
+    n, p = ranks.shape
+    hits = torch.arange(1, p + 1, device=ranks.device, dtype=torch.float64)
+    prec = hits / ranks.double()
+    in_cut = ranks <= ap_cut
+    den_cut = float(min(ap_cut, p))
     out = {}
-
-    def ratio(num, den):
-        return torch.where(den > 0, num / den.clamp(min=1), nan)
-
-    cut = min(ap_cut, rel.shape[1])
-    den_cut = torch.minimum(npos_f, torch.tensor(float(ap_cut), device=sims.device))
     if "default" in protocols:
-        out["default/AP@all"] = ratio((_reverse_cummax(prec) * relf).sum(1), npos_f)
-        out[f"default/AP@{ap_cut}"] = ratio(
-            (_reverse_cummax(prec[:, :cut]) * relf[:, :cut]).sum(1), den_cut)
+        out["default/AP@all"] = _reverse_cummax(prec).mean(1)
+        out[f"default/AP@{ap_cut}"] = (_reverse_cummax(prec * in_cut) * in_cut).sum(1) / den_cut
+        for k in ks:
+            m = min(k, p)
+            out[f"default/P@{k}"] = (ranks <= m).sum(1).double() / m
     if "noninterp" in protocols:
-        out["noninterp/AP@all"] = ratio((prec * relf).sum(1), npos_f)
-        out[f"noninterp/AP@{ap_cut}"] = ratio((prec[:, :cut] * relf[:, :cut]).sum(1), den_cut)
-    for k in ks:
-        kk = min(k, rel.shape[1])
-        if "default" in protocols:
-            m = torch.minimum(n_pos, torch.tensor(kk, device=sims.device))
-            got = hits.gather(1, (m - 1).clamp(min=0)[:, None])[:, 0].float()
-            out[f"default/P@{k}"] = ratio(got, m.float())
-        if "hits_over_k" in protocols:
-            out[f"hits_over_k/P@{k}"] = torch.where(n_pos > 0, hits[:, kk - 1].float() / k, nan)
-    return out, order
+        out["noninterp/AP@all"] = prec.mean(1)
+        out[f"noninterp/AP@{ap_cut}"] = (prec * in_cut).sum(1) / den_cut
+    if "hits_over_k" in protocols:
+        for k in ks:
+            out[f"hits_over_k/P@{k}"] = (ranks <= k).sum(1).double() / k
+    return out
+
+
+def metric_names(ap_cut, ks, protocols):
+    names = []
+    if "default" in protocols:
+        names += ["default/AP@all", f"default/AP@{ap_cut}"] + [f"default/P@{k}" for k in ks]
+    if "noninterp" in protocols:
+        names += ["noninterp/AP@all", f"noninterp/AP@{ap_cut}"]
+    if "hits_over_k" in protocols:
+        names += [f"hits_over_k/P@{k}" for k in ks]
+    return names
 
 
 def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, device="cpu",
@@ -69,21 +89,26 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
         raise ValueError(f"unknown protocol(s) {sorted(unknown)}; choose from {PROTOCOLS}.")
     device = torch.device(device)
     gallery = torch.as_tensor(gallery, dtype=torch.float32).to(device)
-    g_lab = torch.as_tensor(g_labels).to(device)
+    g_lab = torch.as_tensor(np.asarray(g_labels)).to(device)
     queries = torch.as_tensor(queries, dtype=torch.float32)
-    q_labels = torch.as_tensor(q_labels)
-    per_query, top = {}, []
-    starts = range(0, queries.shape[0], chunk_size)
-    for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
-        q = queries[s:s + chunk_size].to(device)
-        sims = q @ gallery.T
-        out, order = _chunk_metrics(sims, q_labels[s:s + chunk_size].to(device), g_lab, ap_cut, ks,
-                                    protocols)
-        for key, v in out.items():
-            per_query.setdefault(key, []).append(v.cpu())
-        top.append(order[:, :topk].cpu())
-    per_query = {k: torch.cat(v).numpy().astype(np.float64) for k, v in per_query.items()}
-    return per_query, torch.cat(top).numpy() if top else np.zeros((0, topk), dtype=np.int64)
+    q_labels = torch.as_tensor(np.asarray(q_labels))
+    relevant = {int(l): (g_lab == l).nonzero()[:, 0] for l in torch.unique(q_labels).tolist()}
+    names = metric_names(ap_cut, ks, protocols)
+    per_query = {k: torch.full((queries.shape[0],), math.nan, dtype=torch.float64) for k in names}
+    topk = min(topk, gallery.shape[0])
+    top = torch.zeros((queries.shape[0], topk), dtype=torch.int64)
+    for s in tqdm(range(0, queries.shape[0], chunk_size), desc=desc, disable=not progress, leave=False):
+        keys = ranking_keys(queries[s:s + chunk_size].to(device) @ gallery.T)
+        top[s:s + keys.shape[0]] = torch.topk(keys, topk, dim=1).indices.cpu()
+        labels = q_labels[s:s + chunk_size]
+        for lab in torch.unique(labels).tolist():
+            if relevant[lab].numel() == 0:
+                continue  # no relevant photo: NaN, as the seed
+            rows = (labels == lab).nonzero()[:, 0]
+            out = _group_metrics(hit_ranks(keys[rows.to(device)], relevant[lab]), ap_cut, ks, protocols)
+            for k, v in out.items():
+                per_query[k][s + rows] = v.cpu()
+    return {k: v.numpy() for k, v in per_query.items()}, top.numpy()
 
 
 def summarize(per_query):

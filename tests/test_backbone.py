@@ -56,7 +56,8 @@ def test_clip_lr_reaches_only_the_backbone():
         else:
             assert g["lr"] == 1e-3 and not ids & backbone_ids
     in_groups = {id(p) for g in groups for p in g["params"]}
-    assert in_groups == {id(p) for p in model.parameters()}
+    assert in_groups == {id(p) for p in model.parameters() if p.requires_grad}
+    assert not model.clip.logit_scale.requires_grad  # open_clip's unused scale stays out of training
     head = {id(model.modes.weight), id(model.disc.weight), id(model.disc.bias), id(model.logit_scale)}
     assert head <= {id(p) for g in groups if g["lr"] == 1e-3 for p in g["params"]}
     assert all(g["weight_decay"] == 0.0 for g in groups if any(p.ndim < 2 for p in g["params"]))

@@ -66,3 +66,25 @@ def test_infer_then_evaluate(trained_run, demo_root):
     assert set(saved["protocols"]) == {"hits_over_k", "noninterp"}
     # P@100 with 8 relevant photos: the default protocol looks at the top 8 only
     assert not math.isnan(result["p@100"][0])
+
+
+def test_visual_report_lists_sampled_queries_and_existing_images(trained_run):
+    import re
+    run, _ = trained_run
+    out = run / "infer_output" / "best" / "demo"
+    if not (out / "index.csv").is_file():
+        infer(compose_cfg("config-infer", [f"path={run}", "device=cpu", "num_workers=0"]))
+    evaluate(compose_cfg("config-eval", [f"path={run}", "eval.device=cpu", "eval.report.n_queries=5",
+                                         "eval.report.grid_queries=3"]))
+    page = (out / "report.html").read_text()
+    queries = re.findall(r"data-query='([^']+)'", page)
+    assert len(queries) == 5
+    result = json.loads((out / "eval_result.json").read_text())
+    assert set(queries) <= set(result["top10_retrieved"])
+    images = re.findall(r"src='([^']+)'", page)
+    assert len(images) == 5 * 2 * 11
+    assert all((out / src).is_file() for src in images)
+    assert page.count("class='ok'") + page.count("class='no'") == 5 * 2 * 10
+    from PIL import Image
+    with Image.open(out / "report_grid.png") as grid:
+        assert grid.size[1] > 3 * 96

@@ -1,5 +1,6 @@
 """torch.distributed set-up for torchrun, and the feature gather of the contrastive loss."""
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +47,10 @@ class GatherFeatures:
 
     def __call__(self, z_img, z_txt):
         self.offset = self.info.rank * z_img.shape[0]
-        all_img = torch.cat(torch.distributed.nn.all_gather(z_img), dim=0)
-        all_txt = torch.cat(torch.distributed.nn.all_gather(z_txt), dim=0)
+        with warnings.catch_warnings():  # its deprecation note points at a private API
+            warnings.simplefilter("ignore", FutureWarning)
+            all_img = torch.cat(torch.distributed.nn.all_gather(z_img), dim=0)
+            all_txt = torch.cat(torch.distributed.nn.all_gather(z_txt), dim=0)
         return all_img, all_txt
 
 

@@ -1,0 +1,99 @@
+"""Training images/s and peak memory of the modality-aware model, eager vs torch.compile, with
+the data loader's images/s beside it so the bottleneck is visible.
+
+GPU: python -m benchmarks.train_throughput --backbone ViT-B-32 --batch-size 256 --precision bf16 --workers 8
+CPU: python -m benchmarks.train_throughput --backbone ma-tiny --batch-size 64 --workers 2 --device cpu
+
+The model step uses synthetic images at the backbone's input size (all losses, AdamW step);
+the loader runs on the demo dataset with the backbone's train transform.
+"""
+import argparse
+import time
+
+import open_clip
+import torch
+from omegaconf import OmegaConf
+
+from benchmarks.loader import measure
+from data.demo import DEFAULT_ROOT, generate
+from data.index import make_splits
+from data.loader import PromptTable, SketchPhotoDataset
+from model.backbone import build_model, loss_ratios
+from model.trainer import param_groups
+from utils.runtime import autocast, pick_device
+
+
+def step_rate(args, device, compiled):
+    mcfg = OmegaConf.create(dict(backbone=args.backbone, pretrained=None, n_mode=4, temperature=2.6592,
+                                 clip_loss_ratio=1.0, sem_loss_ratio=0.1, disc_loss_ratio=0.1,
+                                 rec_loss_ratio=0.02, orth_loss_ratio=0.0))
+    torch.manual_seed(0)
+    model, *_ = build_model(mcfg)
+    model.to(device)
+    opt = torch.optim.AdamW(param_groups(model, 1e-4, 5e-8, 0.1))
+    net = torch.compile(model) if compiled else model
+    size = open_clip.get_model_config(args.backbone)["vision_cfg"]["image_size"]
+    b = args.batch_size
+    images = torch.randn(b, 3, size, size, device=device)
+    context = open_clip.get_model_config(args.backbone)["text_cfg"]["context_length"]
+    tokens = torch.randint(1, 49000, (100, context), device=device)
+    pid = torch.randint(0, 100, (b,), device=device)
+    m1 = torch.randint(0, 2, (b,), device=device)
+    m2 = torch.full((b,), 3, device=device)
+    ratios = loss_ratios(mcfg)
+
+    def step():
+        with autocast(device, args.precision):
+            total, _ = net(images, tokens, pid, m1, m2, ratios)
+        total.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    rate = args.steps * b / (time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 1024 ** 3 if device.type == "cuda" else float("nan")
+    return rate, peak
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="ViT-B-32")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-compile", action="store_true")
+    args = ap.parse_args()
+    device = pick_device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{args.backbone}, batch {args.batch_size}, {args.precision if device.type == 'cuda' else 'fp32'}, {name}")
+    eager, peak = step_rate(args, device, compiled=False)
+    print(f"train step, eager:         {eager:9.1f} images/s, peak GPU memory {peak:.2f} GB")
+    if not args.no_compile:
+        comp, peak_c = step_rate(args, device, compiled=True)
+        print(f"train step, torch.compile: {comp:9.1f} images/s, peak GPU memory {peak_c:.2f} GB "
+              f"({comp / eager:.2f}x eager)")
+    size = open_clip.get_model_config(args.backbone)["vision_cfg"]["image_size"]
+    root = generate(DEFAULT_ROOT)
+    splits = make_splits(OmegaConf.create(dict(train_idx=["demo"], test_idx=None, root=str(root),
+                                               cls_ratio=1.0, csv={})), need_test=False)
+    train_tf = open_clip.image_transform(size, is_train=True)
+    dataset = SketchPhotoDataset(splits.train, train_tf, PromptTable(splits.train, open_clip.get_tokenizer(args.backbone)))
+    loader_rate = measure(dataset, args.batch_size, args.workers, epochs=2)
+    print(f"data loader, {args.workers} workers:  {loader_rate:9.1f} images/s "
+          f"({'loader' if loader_rate < eager else 'model'} is the bottleneck)")
+
+
+if __name__ == "__main__":
+    main()

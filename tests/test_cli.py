@@ -1,0 +1,65 @@
+"""The entry points as a user runs them: bad input gives exit code 1, one readable message and
+no partial output."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from model.checkpoint import check_compatible
+from tests.conftest import REPO
+from utils.runtime import UserError
+
+
+def run(*args, cwd=REPO):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_mistyped_config_key(tmp_path):
+    p = run("train.py", "train.epoch=3", f"hydra.run.dir={tmp_path / 'r'}")
+    assert p.returncode == 1 and "Could not override 'train.epoch'" in p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_dataset_root_leaves_no_run_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("MA_SBIR_SKETCHY", raising=False)
+    p = run("train.py", "dataset=sketchy", "logger.wandb.mode=disabled", f"hydra.run.dir={tmp_path / 'r'}")
+    assert p.returncode == 1
+    assert "error: no root folder given for dataset 'sketchy'. Pass dataset.root.sketchy=" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_infer_on_run_without_checkpoint(tmp_path):
+    (tmp_path / "config.yaml").write_text("dataset: {test_idx: demo}\n")
+    p = run("infer.py", f"path={tmp_path}")
+    assert p.returncode == 1 and "holds no trained model" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "infer_output").exists()
+
+
+def test_evaluate_without_infer_output(tmp_path):
+    p = run("evaluate.py", f"path={tmp_path}", "dataset.test_idx=2")
+    assert p.returncode == 1 and "run `python infer.py" in p.stderr
+
+
+def test_checkpoint_from_another_model_config_is_refused():
+    saved = {"model": {"backbone": "ma-tiny", "n_mode": 4}}
+    with pytest.raises(UserError, match=r"model.n_mode: checkpoint 4, config 5"):
+        check_compatible(saved, OmegaConf.create({"model": {"backbone": "ma-tiny", "n_mode": 5}}), "x.pth")
+    with pytest.raises(UserError, match=r"model.backbone: checkpoint 'ma-tiny', config 'ViT-B-32'"):
+        check_compatible(saved, OmegaConf.create({"model": {"backbone": "ViT-B-32", "n_mode": 4}}), "x.pth")
+
+
+def test_infer_with_checkpoint_not_matching_its_config(tmp_path, demo_root):
+    from model.backbone import build_model
+    cfg = OmegaConf.create({"model": dict(backbone="ma-tiny", pretrained=None, n_mode=4, temperature=2.6592),
+                            "dataset": dict(train_idx=["demo"], test_idx="demo", root=str(demo_root),
+                                            cls_ratio=1.0, csv={})})
+    state = build_model(cfg.model)[0].state_dict()
+    state["modes.weight"] = torch.zeros(5, 128)  # weights of a 5-mode model
+    (tmp_path / "model").mkdir()
+    torch.save(dict(model=state, config=OmegaConf.to_container(cfg), epoch=1), tmp_path / "model" / "best.pth")
+    p = run("infer.py", f"path={tmp_path}", "num_workers=0")
+    assert p.returncode == 1 and "does not fit the model its config describes" in p.stderr
+    assert not (tmp_path / "infer_output").exists()
