@@ -79,10 +79,10 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{args.backbone}, batch {args.batch_size}, {args.precision if device.type == 'cuda' else 'fp32'}, {name}")
     eager, peak = step_rate(args, device, compiled=False)
-    print(f"train step, eager:         {eager:9.1f} images/s, peak GPU memory {peak:.2f} GB")
+    print(f"train step, eager:         {eager:9.1f} images/s, peak GPU memory {_gb(peak)}")
     if not args.no_compile:
         comp, peak_c = step_rate(args, device, compiled=True)
-        print(f"train step, torch.compile: {comp:9.1f} images/s, peak GPU memory {peak_c:.2f} GB "
+        print(f"train step, torch.compile: {comp:9.1f} images/s, peak GPU memory {_gb(peak_c)} "
               f"({comp / eager:.2f}x eager)")
     size = open_clip.get_model_config(args.backbone)["vision_cfg"]["image_size"]
     root = generate(DEFAULT_ROOT)
@@ -93,6 +93,10 @@ def main():
     loader_rate = measure(dataset, args.batch_size, args.workers, epochs=2)
     print(f"data loader, {args.workers} workers:  {loader_rate:9.1f} images/s "
           f"({'loader' if loader_rate < eager else 'model'} is the bottleneck)")
+
+
+def _gb(x):
+    return "n/a (CPU)" if x != x else f"{x:.2f} GB"
 
 
 if __name__ == "__main__":
