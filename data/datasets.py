@@ -114,11 +114,19 @@ def match_key(name):
     return re.sub(r"[\s_\-]", "", name.lower())
 
 
+def _class_name(line):
+    """A class list line: 'name', or SAKE's cname_cid format 'name <id>'."""
+    parts = line.split()
+    if len(parts) > 1 and parts[-1].isdigit():
+        parts = parts[:-1]
+    return " ".join(parts)
+
+
 def read_class_list(path):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"class list {path} does not exist. Give one class name per line.")
-    names = [ln.strip() for ln in path.read_text().splitlines()]
+    names = [_class_name(ln) for ln in path.read_text().splitlines()]
     names = [class_key(n) for n in names if n and not n.startswith("#")]
     if not names:
         raise UserError(f"class list {path} is empty. Give one class name per line.")

@@ -63,3 +63,26 @@ def test_infer_with_checkpoint_not_matching_its_config(tmp_path, demo_root):
     p = run("infer.py", f"path={tmp_path}", "num_workers=0")
     assert p.returncode == 1 and "does not fit the model its config describes" in p.stderr
     assert not (tmp_path / "infer_output").exists()
+
+
+def test_folder_dataset_train_infer_evaluate_from_the_command_line(tmp_path, demo_root):
+    """A user's own folder: after training, infer and evaluate need only path=<run>."""
+    import json
+    import shutil
+    data = tmp_path / "mydata"
+    for sub in ("photo", "sketch"):
+        for cls in ("apple", "star", "house", "moon", "kite", "sun"):
+            shutil.copytree(demo_root / sub / cls, data / sub / cls)
+    (data / "unseen.txt").write_text("kite\nsun\n")
+    run_dir = tmp_path / "run"
+    p = run("train.py", "dataset=folder", f"dataset.root={data}", "model=tiny", "train.epochs=1",
+            "train.batch_size=16", "train.num_workers=0", "dataset.cls_ratio=0.75", "device=cpu",
+            "logger.wandb.mode=disabled", f"hydra.run.dir={run_dir}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run("infer.py", f"path={run_dir}", "num_workers=0", "device=cpu")
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run("evaluate.py", f"path={run_dir}", "eval.device=cpu")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "mAP@all" in p.stdout and "report.html" in p.stdout
+    result = json.loads((run_dir / "infer_output" / "best" / "folder" / "eval_result.json").read_text())
+    assert set(result["per_class_AP"]) == {"kite", "sun"} and result["n_queries"] == 16

@@ -145,3 +145,10 @@ def test_checker_exit_codes_and_empty_class(tmp_path, capsys):
         f.unlink()
     assert check_main(["dataset=folder", f"dataset.root={root}", "check.decode=false"]) == 1
     assert "['tree'] have no sketch images" in capsys.readouterr().out
+
+
+def test_sake_cname_cid_files_read_as_class_lists(tmp_path):
+    from data.datasets import read_class_list
+    f = tmp_path / "cname_cid_zero.txt"
+    f.write_text("fire hydrant 0\nteddy-bear 1\ntree\n")
+    assert read_class_list(f) == ["fire_hydrant", "teddy-bear", "tree"]
