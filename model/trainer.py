@@ -304,7 +304,8 @@ def train(cfg, run_dir):
                 ckpt = state(epoch, 0)
                 save_checkpoint(ckpt, run_dir / "model" / "last.pth")
                 if improved:
-                    save_checkpoint(ckpt, run_dir / "model" / "best.pth")
+                    save_checkpoint({k: ckpt[k] for k in ("model", "config", "epoch", "step", "best")},
+                                    run_dir / "model" / "best.pth")  # weights for inference only
             if info.enabled:
                 torch.distributed.barrier()
     if wb is not None:

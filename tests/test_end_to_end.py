@@ -88,3 +88,16 @@ def test_visual_report_lists_sampled_queries_and_existing_images(trained_run):
     from PIL import Image
     with Image.open(out / "report_grid.png") as grid:
         assert grid.size[1] > 3 * 96
+
+
+def test_generalized_export_and_evaluation(trained_run):
+    run, _ = trained_run
+    out = infer(compose_cfg("config-infer", [f"path={run}", "device=cpu", "num_workers=0",
+                                            "dataset.generalized=true", "mode=last"]))
+    rows = list(csv.DictReader(open(out / "index.csv")))
+    seen = [r for r in rows if r["split"] == "seen"]
+    assert seen and all(r["m1"] == "0" for r in seen)  # seen classes' photos only
+    assert len(torch.load(out / "img_logits.pt", weights_only=True)) == len(rows)
+    result = evaluate(compose_cfg("config-eval", [f"path={run}", "mode=last", "eval.device=cpu",
+                                                  "eval.generalized=true", "eval.report.enabled=false"]))
+    assert result["n_gallery"] == 48 + len(seen) and result["n_queries"] == 48
