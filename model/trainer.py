@@ -238,7 +238,7 @@ def train(cfg, run_dir):
         while epoch < int(cfg.train.epochs):
             model.train()
             sampler.set_epoch(epoch, start=batch_in_epoch * per_rank_batch)
-            running, t0 = None, time.time()
+            running, t0 = math.nan, time.time()
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not info.is_main,
                        initial=batch_in_epoch, total=batch_in_epoch + len(loader), dynamic_ncols=True)
             for i, batch in enumerate(bar, start=batch_in_epoch):
@@ -246,7 +246,10 @@ def train(cfg, run_dir):
                 with autocast(device, cfg.train.precision):
                     total, losses = net(batch["image"], tokens, batch["prompt_id"], batch["m1"],
                                         batch["m2"], ratios, gather)
-                if not torch.isfinite(total):
+                finite = torch.isfinite(total.detach()).float()
+                if info.enabled:  # every rank skips or stops together, or DDP would hang
+                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+                if not finite.item():
                     terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
                     if cfg.train.on_nonfinite == "skip":
                         skipped_nonfinite += 1
@@ -269,7 +272,7 @@ def train(cfg, run_dir):
                     scheduler.step()
                     step += 1
                 value = total.item()
-                running = value if running is None else 0.9 * running + 0.1 * value
+                running = value if math.isnan(running) else 0.9 * running + 0.1 * value
                 bar.set_postfix(loss=f"{running:.4f}")
                 if info.is_main and step % int(cfg.train.log_every) == 0 and (i + 1) % accum == 0:
                     metrics = {f"loss/{k}": v.item() for k, v in losses.items()}
