@@ -1,6 +1,7 @@
 """infer(cfg): embeddings of a run's test split -> infer_output/<mode>/<dataset>/."""
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -9,6 +10,7 @@ from data.index import make_splits
 from model.backbone import build_model
 from model.checkpoint import load_checkpoint
 from model.embed import embed_rows
+from utils.distributed import all_gather_cat, cleanup_distributed, init_distributed
 from utils.io import save_csv, save_json, save_torch
 from utils.runtime import UserError, log, pick_device, setup_logging
 
@@ -36,6 +38,17 @@ def test_dataset_config(train_cfg, cfg):
     return dcfg
 
 
+def gather_shards(emb, n, info, device):
+    """Reassemble the rows that rank r embedded (r, r + W, r + 2W, ...) in index order."""
+    order = np.concatenate([np.arange(r, n, info.world_size) for r in range(info.world_size)])
+    out = {}
+    for key, part in emb.items():
+        full = all_gather_cat(torch.from_numpy(part).to(device)).cpu().numpy()
+        out[key] = np.empty_like(full)
+        out[key][order] = full
+    return out
+
+
 def infer(cfg):
     setup_logging()
     run_dir = Path(cfg.path)
@@ -54,7 +67,10 @@ def infer(cfg):
         roots += [ix.root] * len(seen_photos)
     if not rows:
         raise UserError(f"the test split of {dcfg.test_idx} is empty; check the dataset root and split.")
+    info = init_distributed()
     device = pick_device(cfg.device)
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
     model, _, eval_tf, tokenizer = build_model(OmegaConf.create(dict(train_cfg.model, pretrained=None)))
     try:
         model.load_state_dict(ckpt["model"])
@@ -65,9 +81,15 @@ def infer(cfg):
                         f"comes from another run; use that run's folder.") from None
     model.to(device)
     log.info(f"embedding {len(rows)} images of {splits.test_index.name} ({splits.test_index.root}) "
-             f"with {run_dir / 'model' / (cfg.mode + '.pth')} on {device}")
-    emb = embed_rows(model, list(zip(roots, rows)), eval_tf, tokenizer, int(cfg.batch_size),
-                     int(cfg.num_workers), device, cfg.precision)
+             f"with {run_dir / 'model' / (cfg.mode + '.pth')} on {device}, {info.world_size} process(es)")
+    pairs = list(zip(roots, rows))
+    emb = embed_rows(model, pairs[info.rank::info.world_size], eval_tf, tokenizer, int(cfg.batch_size),
+                     int(cfg.num_workers), device, cfg.precision, progress=info.is_main)
+    if info.enabled:
+        emb = gather_shards(emb, len(rows), info, device)
+        cleanup_distributed()
+        if not info.is_main:
+            return None
     out = run_dir / "infer_output" / cfg.mode / output_key(dcfg.test_idx)
     save_torch(torch.from_numpy(emb["img"]), out / "img_logits.pt")
     save_torch(torch.from_numpy(emb["txt"]), out / "txt_logits.pt")

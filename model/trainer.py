@@ -22,7 +22,7 @@ from model.backbone import build_model, loss_ratios
 from model.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from model.embed import embed_rows
 from retrieval.metrics import retrieval_metrics, summarize
-from utils.distributed import GatherFeatures, all_gather_cat, init_distributed
+from utils.distributed import GatherFeatures, all_gather_cat, cleanup_distributed, init_distributed
 from utils.io import save_text
 from utils.runtime import UserError, autocast, log, pick_device, seed_everything, setup_logging
 
@@ -315,6 +315,7 @@ def train(cfg, run_dir):
         wb.finish()
     if info.is_main:
         log.info(f"training finished: {run_dir / 'model'}")
+    cleanup_distributed()
     return dict(run_dir=str(run_dir), best=best, history=history)
 
 

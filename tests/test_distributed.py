@@ -87,3 +87,26 @@ def test_torchrun_training_writes_one_checkpoint(tmp_path, demo_root):
     assert ckpt["epoch"] == 1
     log = (run / "train.log").read_text()
     assert "world size 2" in log and log.count("epoch 1 done") == 1
+
+
+def test_torchrun_sharded_inference_equals_one_process(tmp_path, demo_root):
+    from model.inference import infer
+    from model.trainer import train
+    from tests.conftest import compose_cfg
+    run = tmp_path / "run"
+    train(compose_cfg("config-train", ["dataset=demo", "model=tiny", f"dataset.root={demo_root}",
+                                       "train.epochs=1", "train.batch_size=32", "train.num_workers=0",
+                                       "device=cpu", "logger.wandb.mode=disabled"]), run)
+    single = infer(compose_cfg("config-infer", [f"path={run}", "device=cpu", "num_workers=0", "mode=last"]))
+    expect = {f: torch.load(single / f, weights_only=True) for f in ("img_logits.pt", "converted_logits.pt")}
+    index = (single / "index.csv").read_text()
+    for f in ("img_logits.pt", "txt_logits.pt", "converted_logits.pt", "index.csv"):
+        (single / f).unlink()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "infer.py",
+           f"path={run}", "device=cpu", "num_workers=0", "mode=last", "batch_size=7"]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (single / "index.csv").read_text() == index
+    for f, t in expect.items():
+        torch.testing.assert_close(torch.load(single / f, weights_only=True), t, atol=1e-5, rtol=0)

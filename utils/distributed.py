@@ -72,3 +72,8 @@ def all_gather_cat(t):
     out = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
     return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
