@@ -25,51 +25,32 @@ def _reverse_cummax(x):
     return torch.flip(torch.cummax(torch.flip(x, dims=[1]), dim=1).values, dims=[1])
 
 
-def ranking_keys(sims):
+def ranking_keys(sims, out=None):
     """int64 keys, unique per row, whose descending order is the ranking: similarity descending,
-    ties by gallery index ascending. (Float bits mapped to order-preserving ints, index below.)"""
-    bits = (sims.float() + 0.0).contiguous().view(torch.int32)  # + 0.0 turns -0.0 into +0.0
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
-    n = sims.shape[1]
-    return ordered * (1 << 32) + (n - 1 - torch.arange(n, device=sims.device))
+    ties by gallery index ascending. The float bits are mapped to order-preserving ints (upper
+    32 bits), the reversed gallery index fills the lower 32. `sims` is overwritten; `out` is an
+    int64 buffer to reuse."""
+    sims = sims.float().contiguous().add_(0.0)  # + 0.0 turns -0.0 into +0.0
+    bits = sims.view(torch.int32)
+    bits.bitwise_xor_(bits.bitwise_right_shift(31).bitwise_and_(0x7FFFFFFF))
+    n = bits.shape[1]
+    keys = torch.empty(bits.shape, dtype=torch.int64, device=bits.device) if out is None else out[:bits.shape[0]]
+    keys.copy_(bits).mul_(1 << 32).add_(n - 1 - torch.arange(n, device=bits.device))
+    return keys
 
 
-def _ranks_from_sorted(asc, below):
-    """Ranks of the relevant items (ascending) from, per gallery item, the number of relevant
-    values under its value."""
-    counts = torch.zeros(asc.shape[0], asc.shape[1] + 1, dtype=torch.int64, device=asc.device)
-    counts.scatter_add_(1, below, torch.ones_like(below))
-    above = torch.flip(torch.cumsum(torch.flip(counts, dims=[1]), dim=1), dims=[1])[:, 1:]
-    return torch.flip(above, dims=[1]) + 1
-
-
-def hit_ranks(sims, relevant):
+def hit_ranks(keys, relevant):
     """1-based ranks of the relevant gallery items for each row, ascending: [rows, P].
 
-    Sorts only the P relevant similarities of a row and counts, for each, the gallery items
-    ranked above it with one binary search per gallery item: O(G log P), not O(G log G).
-    Rows where a relevant photo ties with another photo are redone on ranking_keys, which
-    order ties by gallery index."""
-    asc = torch.sort(sims[:, relevant], dim=1).values
-    below = torch.searchsorted(asc, sims)  # per photo: relevant similarities strictly under it
-    ranks = _ranks_from_sorted(asc, below)
-    equal = asc.gather(1, below.clamp(max=asc.shape[1] - 1)) == sims  # each relevant photo once
-    tied = (equal.sum(1) > asc.shape[1]) | (asc[:, 1:] == asc[:, :-1]).any(1)
-    if tied.any():
-        keys = ranking_keys(sims[tied])
-        asc_k = torch.sort(keys[:, relevant], dim=1).values
-        ranks[tied] = _ranks_from_sorted(asc_k, torch.searchsorted(asc_k, keys))
-    return ranks
-
-
-def top_k(sims, k):
-    """Indices of the k best photos per row, ties by gallery index."""
-    vals, idx = torch.topk(sims, min(k + 1, sims.shape[1]), dim=1)
-    top = idx[:, :k].clone()
-    tied = (vals[:, 1:] == vals[:, :-1]).any(1)
-    if tied.any():
-        top[tied] = torch.topk(ranking_keys(sims[tied]), k, dim=1).indices
-    return top
+    Sorts only the P relevant keys of a row and counts, for each, the gallery items ranked
+    above it with one binary search per gallery item: O(G log P), not O(G log G)."""
+    asc = torch.sort(keys[:, relevant], dim=1).values
+    below = torch.searchsorted(asc, keys)  # per photo: relevant keys under its key
+    n, p = asc.shape
+    offsets = torch.arange(n, device=keys.device)[:, None] * (p + 1)
+    counts = torch.bincount((below + offsets).view(-1), minlength=n * (p + 1)).view(n, p + 1)
+    above = torch.flip(torch.cumsum(torch.flip(counts, dims=[1]), dim=1), dims=[1])[:, 1:]
+    return torch.flip(above, dims=[1]) + 1
 
 
 def _group_metrics(ranks, ap_cut, ks, protocols):
@@ -122,15 +103,16 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
     per_query = {k: torch.full((queries.shape[0],), math.nan, dtype=torch.float64) for k in names}
     topk = min(topk, gallery.shape[0])
     top = torch.zeros((queries.shape[0], topk), dtype=torch.int64)
+    buffer = torch.empty((min(chunk_size, queries.shape[0]), gallery.shape[0]), dtype=torch.int64, device=device)
     for s in tqdm(range(0, queries.shape[0], chunk_size), desc=desc, disable=not progress, leave=False):
-        sims = queries[s:s + chunk_size].to(device) @ gallery.T + 0.0  # + 0.0: no -0.0
-        top[s:s + sims.shape[0]] = top_k(sims, topk).cpu()
+        keys = ranking_keys(queries[s:s + chunk_size].to(device) @ gallery.T, out=buffer)
+        top[s:s + keys.shape[0]] = torch.topk(keys, topk, dim=1).indices.cpu()
         labels = q_labels[s:s + chunk_size]
         for lab in torch.unique(labels).tolist():
             if relevant[lab].numel() == 0:
                 continue  # no relevant photo: NaN, as the seed
             rows = (labels == lab).nonzero()[:, 0]
-            out = _group_metrics(hit_ranks(sims[rows.to(device)], relevant[lab]), ap_cut, ks, protocols)
+            out = _group_metrics(hit_ranks(keys[rows.to(device)], relevant[lab]), ap_cut, ks, protocols)
             for k, v in out.items():
                 per_query[k][s + rows] = v.cpu()
     return {k: v.numpy() for k, v in per_query.items()}, top.numpy()
