@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
-from PIL import Image
 from tqdm import tqdm
 
 from data.datasets import PHOTO, SKETCH
 from data.index import make_splits
+from data.loader import unreadable
 from utils.runtime import UserError
 
 
@@ -59,12 +59,9 @@ def check_structure(splits):
 
 def decode_problems(rows, report, progress=True):
     for root, r in tqdm(rows, desc="decoding images", disable=not progress, dynamic_ncols=True):
-        path = root / r["img_path"]
-        try:
-            with Image.open(path) as im:
-                im.verify()
-        except Exception as e:  # PIL raises many types for corrupt files
-            report.errors.append(f"unreadable image {path}: {type(e).__name__}: {e}")
+        problem = unreadable(root / r["img_path"])
+        if problem:
+            report.errors.append(f"unreadable image {root / r['img_path']}: {problem}")
 
 
 def check_dataset(dcfg, decode=True, progress=True, need_test=True):

@@ -201,12 +201,13 @@ def safe_relpath(root, rel, where):
     return p.as_posix()
 
 
-def read_annotation_csv(path, root):
-    """A seed-style annotation CSV (img_path,text,m1,m2,label)."""
+def read_annotation_csv(path, root, skip_missing=False):
+    """A seed-style annotation CSV (img_path,text,m1,m2,label). Rows whose image is missing are
+    an error, or left out when `skip_missing` (returned as the second value)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"annotation file {path} does not exist. Fix dataset.csv.* in the config.")
-    rows = []
+    rows, missing_files = [], []
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         missing = set(COLUMNS) - set(reader.fieldnames or [])
@@ -219,6 +220,13 @@ def read_annotation_csv(path, root):
             except ValueError:
                 raise UserError(f"{path} line {i}: m1, m2 and label must be integers, got "
                                 f"{r['m1']!r}, {r['m2']!r}, {r['label']!r}.") from None
+            if not (Path(root) / rel).is_file():
+                if not skip_missing:
+                    raise UserError(f"{path} line {i}: image {Path(root) / rel} does not exist. Fix the "
+                                    f"row or dataset.root, or set dataset.on_bad_image=skip to leave "
+                                    f"such rows out.")
+                missing_files.append(rel)
+                continue
             rows.append(dict(img_path=rel, text=r["text"], m1=m1, m2=m2, label=label,
                              cls=class_key(Path(rel).parent.name)))
-    return rows
+    return rows, missing_files

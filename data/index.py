@@ -3,9 +3,12 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from data.datasets import (PHOTO, SKETCH, TEXT, match_key, prompt_for, read_annotation_csv,
                            read_class_list, resolve_name, resolve_root, scan_layout, split_file)
-from utils.runtime import UserError
+from data.loader import unreadable
+from utils.runtime import UserError, log
 
 
 @dataclass
@@ -33,7 +36,7 @@ def build_index(idx, dcfg):
     root = resolve_root(name, _cfg_get(dcfg, "root", {}))
     csv_cfg = _cfg_get(dcfg, "csv", {})
     if _cfg_get(csv_cfg, "test"):
-        return _index_from_csv(name, root, csv_cfg)
+        return _index_from_csv(name, root, csv_cfg, _cfg_get(dcfg, "on_bad_image", "error") == "skip")
     scan = scan_layout(name, root)
     unseen_path = split_file(name, _cfg_get(dcfg, "split"), root, _cfg_get(dcfg, "unseen_file"))
     unseen = read_class_list(unseen_path)
@@ -58,16 +61,28 @@ def build_index(idx, dcfg):
     return DatasetIndex(name, root, rows, seen, unseen, scan.skipped)
 
 
-def _index_from_csv(name, root, csv_cfg):
-    test = read_annotation_csv(csv_cfg["test"], root)
-    train = read_annotation_csv(csv_cfg["train"], root) if _cfg_get(csv_cfg, "train") else []
+def _index_from_csv(name, root, csv_cfg, skip_missing):
+    test, missing = read_annotation_csv(csv_cfg["test"], root, skip_missing)
+    train, missing_train = (read_annotation_csv(csv_cfg["train"], root, skip_missing)
+                            if _cfg_get(csv_cfg, "train") else ([], []))
     unseen = list(dict.fromkeys(r["cls"] for r in test))
     seen = list(dict.fromkeys(r["cls"] for r in train))
     overlap = sorted(set(seen) & set(unseen))
     if overlap:
         raise UserError(f"classes {overlap} appear in both {csv_cfg['train']} and "
                         f"{csv_cfg['test']}: a zero-shot test class must never be trained on.")
-    return DatasetIndex(name, root, train + test, seen, unseen, [])
+    return DatasetIndex(name, root, train + test, seen, unseen, missing + missing_train)
+
+
+def drop_unreadable(rows, what):
+    """dataset.on_bad_image=skip: decode-check every image, leave out and count the bad ones."""
+    bad = [(root, r) for root, r in tqdm(rows, desc=f"checking {what} images", leave=False)
+           if unreadable(root / r["img_path"])]
+    if bad:
+        log.warning(f"left out {len(bad)} unreadable {what} image(s) (dataset.on_bad_image=skip), "
+                    f"e.g. {bad[0][0] / bad[0][1]['img_path']}")
+    drop = {id(r) for _, r in bad}
+    return [(root, r) for root, r in rows if id(r) not in drop]
 
 
 @dataclass
@@ -130,6 +145,9 @@ def make_splits(dcfg, need_test=True, need_train=True):
                 f"{test_index.root} class(es) {lacking['sketch']} have no sketch images and "
                 f"{lacking['photo']} no photos. Check those class folders, or take the classes "
                 f"out of the split file.")
+    if _cfg_get(dcfg, "on_bad_image", "error") == "skip":
+        train, val, test = (drop_unreadable(rows, what) for rows, what in
+                            ((train, "training"), (val, "validation"), (test, "test")))
     if need_train and not train:
         raise UserError("the training split is empty: check dataset.train_idx and the dataset root.")
     return Splits(train, val, test, train_classes, val_classes, test_index, indices)

@@ -9,6 +9,16 @@ from torch.utils.data import DataLoader, Dataset
 from utils.runtime import UserError
 
 
+def unreadable(path):
+    """Why an image file cannot be used (missing, truncated, not an image), or None."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises many types for corrupt files
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 class PromptTable:
     """Distinct prompts of a set of rows, tokenised once."""
 

@@ -99,7 +99,7 @@ def write_csv(path, rows):
 
 
 def test_seed_csvs_load(tmp_path):
-    root = make_tree(tmp_path / "d", ["sketch/tx_000000000000"], ["extended_photo"], classes=["cow", "tree"], n=1)
+    root = make_tree(tmp_path / "d", ["sketch/tx_000000000000"], ["extended_photo"], classes=["cow", "tree"], n=1, real=True)
     train = write_csv(tmp_path / "train.csv", [("extended_photo/cow/extended_photo_0.jpg", "a photo of a cow.", 0, 3, 1),
                                                ("sketch/tx_000000000000/cow/sketch_tx_000000000000_0.png", "a photo of a cow.", 1, 3, 1)])
     test = write_csv(tmp_path / "test.csv", [("extended_photo/tree/extended_photo_0.jpg", "a photo of a tree.", 0, 3, 2),
@@ -152,3 +152,25 @@ def test_sake_cname_cid_files_read_as_class_lists(tmp_path):
     f = tmp_path / "cname_cid_zero.txt"
     f.write_text("fire hydrant 0\nteddy-bear 1\ntree\n")
     assert read_class_list(f) == ["fire_hydrant", "teddy-bear", "tree"]
+
+
+def test_csv_row_with_missing_image_errors_or_is_skipped(tmp_path):
+    root = make_tree(tmp_path / "d", ["sketch"], ["photo"], classes=["tree"], n=1)
+    test = write_csv(tmp_path / "test.csv", [("photo/tree/photo_0.jpg", "a photo of a tree.", 0, 3, 1),
+                                             ("photo/tree/gone.png", "a photo of a tree.", 0, 3, 1)])
+    dcfg = cfg_for("sketchy", root, tmp_path / "u.txt", csv=dict(train=None, test=str(test)))
+    with pytest.raises(UserError, match=r"test.csv line 3: image .*gone.png does not exist.*on_bad_image=skip"):
+        build_index("sketchy", dcfg)
+    dcfg.on_bad_image = "skip"
+    ix = build_index("sketchy", dcfg)
+    assert [r["img_path"] for r in ix.rows] == ["photo/tree/photo_0.jpg"] and ix.skipped == ["photo/tree/gone.png"]
+
+
+def test_on_bad_image_skip_leaves_out_and_counts_corrupt_images(tmp_path, caplog):
+    root = make_tree(tmp_path / "d", ["sketch"], ["photo"], classes=["cow", "tree", "door"], real=True)
+    (root / "unseen.txt").write_text("tree\n")
+    (root / "photo" / "cow" / "photo_0.jpg").write_bytes(b"garbage")
+    dcfg = OmegaConf.create(dict(train_idx=["folder"], test_idx="folder", root=str(root), split=None,
+                                 unseen_file=None, cls_ratio=1.0, split_seed=0, csv={}, on_bad_image="skip"))
+    splits = make_splits(dcfg)
+    assert len(splits.train) == 7 and not any(r["img_path"] == "photo/cow/photo_0.jpg" for _, r in splits.train)
