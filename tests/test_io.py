@@ -46,3 +46,12 @@ def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, monkeypatch):
     with pytest.raises(UnsafeCheckpointError, match="refused to load"):
         load_torch(path)
     assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_json({"a": 1}, tmp_path / "r.json")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
