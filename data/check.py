@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from data.datasets import PHOTO, SKETCH
+from data.datasets import PHOTO
 from data.index import make_splits
 from data.loader import unreadable
 from utils.runtime import UserError

@@ -37,7 +37,7 @@ def write_report(folder, result, rows, image_root, n_queries=20, grid_queries=8,
             thumbs[path] = (name, _thumb(image_root / path, images / name, size))
         return thumbs[path]
 
-    parts = [f"<!doctype html><meta charset='utf-8'><title>ma-sbir retrieval report</title>",
+    parts = ["<!doctype html><meta charset='utf-8'><title>ma-sbir retrieval report</title>",
              "<style>body{font-family:sans-serif;margin:1.5em}img{width:%dpx;height:%dpx;margin:2px;"
              "border:4px solid #ccc}.ok{border-color:rgb%s}.no{border-color:rgb%s}.q{border-color:#333}"
              "td{padding:2px 8px}.bar{background:#69c;height:12px}</style>" % (size, size, GREEN, RED),
