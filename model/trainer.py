@@ -6,6 +6,7 @@ import random
 import shutil
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -149,174 +150,241 @@ def validate(model, rows, transform, tokenizer, cfg, device, info):
     return summarize(per_query)["default/AP@all"]
 
 
-def train(cfg, run_dir):
-    run_dir = Path(run_dir)
-    info = init_distributed()
-    setup_logging(run_dir / "train.log" if info.is_main else None)
-    device = pick_device(cfg.device)
-    if info.enabled and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
-    resume = load_checkpoint(run_dir / "model" / "last.pth") if cfg.get("resume") else None
-    if resume is not None:
-        check_compatible(resume["config"], cfg, run_dir / "model" / "last.pth")
-    seed_everything(int(cfg.seed))
+@dataclass
+class Progress:
+    """The counters a checkpoint carries, so that a run resumes exactly where it stopped."""
+    epoch: int = 0            # completed epochs
+    step: int = 0             # optimiser steps
+    batch_in_epoch: int = 0   # batches of the current epoch already trained
+    best: float = -math.inf   # best validation mAP@all so far
+    history: list = field(default_factory=list)
+    wandb_id: str | None = None
 
-    splits = make_splits(cfg.dataset)
+
+class Trainer:
+    """Everything one training run holds: data, model, optimiser, counters and run folder."""
+
+    def __init__(self, cfg, run_dir):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.info = info = init_distributed()
+        setup_logging(self.run_dir / "train.log" if info.is_main else None)
+        self.device = pick_device(cfg.device)
+        if info.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", info.local_rank)
+        resume = load_checkpoint(self.last_path) if cfg.get("resume") else None
+        if resume is not None:
+            check_compatible(resume["config"], cfg, self.last_path)
+        seed_everything(int(cfg.seed))
+        self.splits = make_splits(cfg.dataset)
+        check_before_training(self.splits)
+        self.model, train_tf, self.eval_tf, self.tokenizer = build_model(cfg.model)
+        self.model.to(self.device)
+        self.ratios = loss_ratios(cfg.model)
+        if sum(self.ratios.values()) <= 0:
+            raise UserError("every model.*_loss_ratio is 0; set at least one above 0 (e.g. model.clip_loss_ratio=1).")
+        self.build_loader(train_tf if cfg.dataset.get("augment", True) else self.eval_tf)
+        self.build_optimizer()
+        self.wrap_model()
+        self.progress, self.skipped = Progress(), 0
+        if resume is not None:
+            self.load_state(resume)
+        if info.is_main:
+            (self.run_dir / "model").mkdir(parents=True, exist_ok=True)
+            save_text(OmegaConf.to_yaml(cfg, resolve=True), self.run_dir / "config.yaml")
+            log.info(f"run folder {self.run_dir}; {len(self.loader.dataset)} training images of "
+                     f"{len(self.splits.train_classes)} classes, {len(self.splits.val)} validation images of "
+                     f"{len(self.splits.val_classes)} classes, device {self.device}, world size {info.world_size}")
+        self.wandb = init_wandb(cfg, self.run_dir, self.progress.wandb_id) if info.is_main else None
+        if self.wandb is not None:
+            self.progress.wandb_id = self.wandb.id
+
+    @property
+    def last_path(self):
+        return self.run_dir / "model" / "last.pth"
+
+    def build_loader(self, transform):
+        cfg, info = self.cfg, self.info
+        prompts = PromptTable(self.splits.train, self.tokenizer)
+        self.tokens = prompts.tokens.to(self.device)
+        dataset = SketchPhotoDataset(self.splits.train, transform, prompts)
+        self.sampler = ResumableSampler(dataset, int(cfg.seed), info.rank, info.world_size)
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=int(cfg.train.batch_size), sampler=self.sampler,
+            num_workers=min(int(cfg.train.num_workers), os.cpu_count() or 1), collate_fn=collate,
+            drop_last=info.enabled, pin_memory=self.device.type == "cuda")
+        if len(self.loader) == 0:
+            raise UserError(f"the training split has {len(dataset)} images, fewer than one batch per "
+                            f"rank; lower train.batch_size.")
+
+    def build_optimizer(self):
+        tcfg = self.cfg.train
+        self.accum = max(1, int(tcfg.accum_steps))
+        total_steps = math.ceil(len(self.loader) / self.accum) * int(tcfg.epochs)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, float(tcfg.lr), float(tcfg.clip_lr), float(tcfg.weight_decay)),
+            betas=(0.9, 0.98), eps=1e-6)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(int(tcfg.warmup_steps), total_steps, tcfg.schedule))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and tcfg.precision == "fp16")
+
+    def wrap_model(self):
+        """DDP (with the all-ranks feature gather of the contrastive loss) and torch.compile."""
+        self.net, self.gather = self.model, None
+        if self.info.enabled:
+            if self.cfg.train.get("gather_with_grad", True):
+                self.gather = GatherFeatures(self.info)
+            r = self.ratios
+            unused = r["disc"] == 0 or r["clip"] == 0 or not any(r[k] > 0 for k in ("sem", "rec", "disc", "orth"))
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=unused)
+        if self.cfg.train.get("compile", False):
+            self.net = torch.compile(self.net)
+
+    def state(self, batch_in_epoch):
+        p = self.progress
+        return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                    scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
+                    epoch=p.epoch, step=p.step, batch_in_epoch=batch_in_epoch, best=p.best,
+                    history=p.history, rng=rng_state(), wandb_id=p.wandb_id,
+                    config=OmegaConf.to_container(self.cfg, resolve=True))
+
+    def load_state(self, ckpt):
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.progress = Progress(ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"], ckpt["best"],
+                                 list(ckpt["history"]), ckpt.get("wandb_id"))
+        set_rng_state(ckpt["rng"])
+        log.info(f"resumed from {self.last_path} at epoch {self.progress.epoch}, step {self.progress.step}")
+
+    def fit(self):
+        with StopRequested() as stop:
+            while self.progress.epoch < int(self.cfg.train.epochs):
+                self.train_epoch(stop)
+                self.end_epoch()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.info.is_main:
+            log.info(f"training finished: {self.run_dir / 'model'}")
+        cleanup_distributed()
+        p = self.progress
+        return dict(run_dir=str(self.run_dir), best=p.best, history=p.history)
+
+    def train_epoch(self, stop):
+        cfg, p = self.cfg, self.progress
+        self.model.train()
+        first = p.batch_in_epoch
+        self.sampler.set_epoch(p.epoch, start=first * int(cfg.train.batch_size))
+        self.running, self.epoch_start = math.nan, time.time()
+        bar = tqdm(self.loader, desc=f"epoch {p.epoch + 1}/{cfg.train.epochs}", disable=not self.info.is_main,
+                   initial=first, total=first + len(self.loader), dynamic_ncols=True)
+        for i, batch in enumerate(bar, start=first):
+            boundary = (i + 1) % self.accum == 0 or i + 1 == first + len(self.loader)
+            losses = self.train_batch(batch, boundary)
+            if losses is not None:
+                bar.set_postfix(loss=f"{self.running:.4f}")
+                if boundary:
+                    self.log_step(losses, i + 1)
+            if stop.signal is not None:
+                if self.info.is_main:
+                    save_checkpoint(self.state(i + 1), self.last_path)
+                    log.info(f"signal {stop.signal} received: saved last.pth at epoch {p.epoch + 1}, "
+                             f"step {p.step}; resume with `python train.py resume={self.run_dir}`")
+                raise SystemExit(128 + stop.signal)
+        bar.close()
+
+    def train_batch(self, batch, boundary):
+        """Forward, backward and (at an accumulation boundary) an optimiser step; None when the
+        batch was skipped for a non-finite loss."""
+        cfg, p = self.cfg, self.progress
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with autocast(self.device, cfg.train.precision):
+            total, losses = self.net(batch["image"], self.tokens, batch["prompt_id"], batch["m1"],
+                                     batch["m2"], self.ratios, self.gather)
+        finite = torch.isfinite(total.detach()).float()
+        if self.info.enabled:  # every rank skips or stops together, or DDP would hang
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not finite.item():
+            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            if cfg.train.on_nonfinite != "skip":
+                raise UserError(
+                    f"non-finite loss at epoch {p.epoch + 1}, step {p.step}: total={total.item()}, {terms}. "
+                    f"The last good checkpoint is {self.last_path}. Lower train.lr / train.clip_lr, use "
+                    f"train.precision=fp32, or set train.on_nonfinite=skip.")
+            self.skipped += 1
+            log.warning(f"non-finite loss at step {p.step} ({terms}); batch skipped ({self.skipped} so far)")
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.scaler.scale(total / self.accum).backward()
+        if boundary:
+            if float(cfg.train.get("grad_clip", 0) or 0) > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(cfg.train.grad_clip))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            p.step += 1
+        value = total.item()
+        self.running = value if math.isnan(self.running) else 0.9 * self.running + 0.1 * value
+        return dict(losses, total=total)
+
+    def log_step(self, losses, batch_in_epoch):
+        p, tcfg = self.progress, self.cfg.train
+        if not self.info.is_main:
+            return
+        if p.step % int(tcfg.log_every) == 0:
+            metrics = {f"loss/{k}": v.item() for k, v in losses.items()}
+            lrs = self.scheduler.get_last_lr()
+            metrics.update({"lr": lrs[-1], "lr/clip": lrs[0], "epoch": p.epoch})
+            log.info(f"epoch {p.epoch + 1} step {p.step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            if self.wandb is not None:
+                self.wandb.log(metrics, step=p.step)
+        save_every = int(tcfg.get("save_every_steps", 0) or 0)
+        if save_every and p.step % save_every == 0:
+            save_checkpoint(self.state(batch_in_epoch), self.last_path)
+
+    def end_epoch(self):
+        """Validate, record, and write last.pth (and best.pth when validation improved)."""
+        p = self.progress
+        p.epoch, p.batch_in_epoch = p.epoch + 1, 0
+        score = None
+        if self.splits.val:
+            score = validate(self.model, self.splits.val, self.eval_tf, self.tokenizer, self.cfg, self.device, self.info)
+        seconds = time.time() - self.epoch_start
+        p.history.append(dict(epoch=p.epoch, step=p.step, val_map=score, loss=self.running, seconds=seconds))
+        if self.info.is_main:
+            improved = score is None or score > p.best
+            if improved and score is not None:
+                p.best = score
+            log.info(f"epoch {p.epoch} done in {seconds:.1f}s: loss {self.running:.4f}"
+                     + (f", validation mAP@all {score:.4f} (best {p.best:.4f})" if score is not None else ""))
+            if self.wandb is not None and score is not None:
+                self.wandb.log({"val/mAP@all": score}, step=p.step)
+            ckpt = self.state(0)
+            save_checkpoint(ckpt, self.last_path)
+            if improved:  # weights for inference only
+                save_checkpoint({k: ckpt[k] for k in ("model", "config", "epoch", "step", "best")},
+                                self.run_dir / "model" / "best.pth")
+        if self.info.enabled:
+            torch.distributed.barrier()
+
+
+def check_before_training(splits):
+    """The cheap part of data.check; its errors stop the run before it starts."""
     report = check_structure(splits)
     for w in report.warnings[:20]:
         log.warning(w)
     if report.errors:
         raise UserError("the dataset check found problems:\n  " + "\n  ".join(report.errors)
                         + "\nFix them (python -m data.check lists everything) and start again.")
-    model, train_tf, eval_tf, tokenizer = build_model(cfg.model)
-    model.to(device)
-    ratios = loss_ratios(cfg.model)
-    if sum(ratios.values()) <= 0:
-        raise UserError("every model.*_loss_ratio is 0; set at least one above 0 (e.g. model.clip_loss_ratio=1).")
-    transform = train_tf if cfg.dataset.get("augment", True) else eval_tf
-    prompts = PromptTable(splits.train, tokenizer)
-    tokens = prompts.tokens.to(device)
-    dataset = SketchPhotoDataset(splits.train, transform, prompts)
-    per_rank_batch = int(cfg.train.batch_size)
-    sampler = ResumableSampler(dataset, int(cfg.seed), info.rank, info.world_size)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=min(int(cfg.train.num_workers), os.cpu_count() or 1),
-        collate_fn=collate, drop_last=info.enabled, pin_memory=device.type == "cuda",
-        persistent_workers=False)
-    if len(loader) == 0:
-        raise UserError(f"the training split has {len(dataset)} images, fewer than one batch per "
-                        f"rank; lower train.batch_size.")
-    accum = max(1, int(cfg.train.accum_steps))
-    steps_per_epoch = math.ceil(len(loader) / accum)
-    total_steps = steps_per_epoch * int(cfg.train.epochs)
-    optimizer = torch.optim.AdamW(param_groups(model, float(cfg.train.lr), float(cfg.train.clip_lr),
-                                               float(cfg.train.weight_decay)), betas=(0.9, 0.98), eps=1e-6)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(int(cfg.train.warmup_steps), total_steps, cfg.train.schedule))
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.train.precision == "fp16")
-    gather = None
-    net = model
-    if info.enabled:
-        gather = GatherFeatures(info) if cfg.train.get("gather_with_grad", True) else None
-        unused = ratios["disc"] == 0 or ratios["clip"] == 0 or not any(
-            ratios[k] > 0 for k in ("sem", "rec", "disc", "orth"))
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      find_unused_parameters=unused)
-    if cfg.train.get("compile", False):
-        net = torch.compile(net)
 
-    epoch, step, batch_in_epoch, best, run_id = 0, 0, 0, -math.inf, None
-    history = []
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        epoch, step, batch_in_epoch = resume["epoch"], resume["step"], resume["batch_in_epoch"]
-        best, run_id, history = resume["best"], resume.get("wandb_id"), list(resume["history"])
-        set_rng_state(resume["rng"])
-        log.info(f"resumed from {run_dir / 'model' / 'last.pth'} at epoch {epoch}, step {step}")
-    if info.is_main:
-        (run_dir / "model").mkdir(parents=True, exist_ok=True)
-        save_text(OmegaConf.to_yaml(cfg, resolve=True), run_dir / "config.yaml")
-        log.info(f"run folder {run_dir}; {len(dataset)} training images of {len(splits.train_classes)} "
-                 f"classes, {len(splits.val)} validation images of {len(splits.val_classes)} classes, "
-                 f"device {device}, world size {info.world_size}")
-    wb = init_wandb(cfg, run_dir, run_id) if info.is_main else None
-    run_id = wb.id if wb is not None else run_id
 
-    def state(completed_epoch, batch_pos):
-        return dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                    epoch=completed_epoch, step=step, batch_in_epoch=batch_pos, best=best,
-                    history=history, rng=rng_state(), wandb_id=run_id,
-                    config=OmegaConf.to_container(cfg, resolve=True))
-
-    save_every = int(cfg.train.get("save_every_steps", 0) or 0)
-    skipped_nonfinite = 0
-    with StopRequested() as stop:
-        while epoch < int(cfg.train.epochs):
-            model.train()
-            sampler.set_epoch(epoch, start=batch_in_epoch * per_rank_batch)
-            running, t0 = math.nan, time.time()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.train.epochs}", disable=not info.is_main,
-                       initial=batch_in_epoch, total=batch_in_epoch + len(loader), dynamic_ncols=True)
-            for i, batch in enumerate(bar, start=batch_in_epoch):
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with autocast(device, cfg.train.precision):
-                    total, losses = net(batch["image"], tokens, batch["prompt_id"], batch["m1"],
-                                        batch["m2"], ratios, gather)
-                finite = torch.isfinite(total.detach()).float()
-                if info.enabled:  # every rank skips or stops together, or DDP would hang
-                    torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-                if not finite.item():
-                    terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
-                    if cfg.train.on_nonfinite == "skip":
-                        skipped_nonfinite += 1
-                        log.warning(f"non-finite loss at step {step} ({terms}); batch skipped "
-                                    f"({skipped_nonfinite} so far)")
-                        optimizer.zero_grad(set_to_none=True)
-                        continue
-                    raise UserError(
-                        f"non-finite loss at epoch {epoch + 1}, step {step}: total={total.item()}, {terms}. "
-                        f"The last good checkpoint is {run_dir / 'model' / 'last.pth'}. Lower train.lr / "
-                        f"train.clip_lr, use train.precision=fp32, or set train.on_nonfinite=skip.")
-                scaler.scale(total / accum).backward()
-                if (i + 1) % accum == 0 or i + 1 == batch_in_epoch + len(loader):
-                    if float(cfg.train.get("grad_clip", 0) or 0) > 0:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg.train.grad_clip))
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    scheduler.step()
-                    step += 1
-                value = total.item()
-                running = value if math.isnan(running) else 0.9 * running + 0.1 * value
-                bar.set_postfix(loss=f"{running:.4f}")
-                if info.is_main and step % int(cfg.train.log_every) == 0 and (i + 1) % accum == 0:
-                    metrics = {f"loss/{k}": v.item() for k, v in losses.items()}
-                    metrics.update({"loss/total": value, "lr": scheduler.get_last_lr()[-1],
-                                    "lr/clip": scheduler.get_last_lr()[0], "epoch": epoch})
-                    log.info(f"epoch {epoch + 1} step {step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
-                    if wb is not None:
-                        wb.log(metrics, step=step)
-                if info.is_main and save_every and step % save_every == 0 and (i + 1) % accum == 0:
-                    save_checkpoint(state(epoch, i + 1), run_dir / "model" / "last.pth")
-                if stop.signal is not None:
-                    if info.is_main:
-                        save_checkpoint(state(epoch, i + 1), run_dir / "model" / "last.pth")
-                        log.info(f"signal {stop.signal} received: saved last.pth at epoch {epoch + 1}, "
-                                 f"step {step}; resume with `python train.py resume={run_dir}`")
-                    raise SystemExit(128 + stop.signal)
-            bar.close()
-            epoch, batch_in_epoch = epoch + 1, 0
-            score = None
-            if splits.val:
-                score = validate(model, splits.val, eval_tf, tokenizer, cfg, device, info)
-            history.append(dict(epoch=epoch, step=step, val_map=score, loss=running,
-                                seconds=time.time() - t0))
-            if info.is_main:
-                improved = score is None or score > best
-                if improved and score is not None:
-                    best = score
-                log.info(f"epoch {epoch} done in {time.time() - t0:.1f}s: loss {running:.4f}"
-                         + (f", validation mAP@all {score:.4f} (best {best:.4f})" if score is not None else ""))
-                if wb is not None and score is not None:
-                    wb.log({"val/mAP@all": score}, step=step)
-                ckpt = state(epoch, 0)
-                save_checkpoint(ckpt, run_dir / "model" / "last.pth")
-                if improved:
-                    save_checkpoint({k: ckpt[k] for k in ("model", "config", "epoch", "step", "best")},
-                                    run_dir / "model" / "best.pth")  # weights for inference only
-            if info.enabled:
-                torch.distributed.barrier()
-    if wb is not None:
-        wb.finish()
-    if info.is_main:
-        log.info(f"training finished: {run_dir / 'model'}")
-    cleanup_distributed()
-    return dict(run_dir=str(run_dir), best=best, history=history)
+def train(cfg, run_dir):
+    """Train the modality-aware model into `run_dir` (resuming when cfg.resume is set)."""
+    return Trainer(cfg, run_dir).fit()
 
 
 def resume_config(run_dir, overrides=()):
