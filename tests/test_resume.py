@@ -66,3 +66,27 @@ def test_nonfinite_loss_stops_with_a_message_and_keeps_last_good(tmp_path, tiny_
         train(resume_config(run, ["train.epochs=2"]), run)
     for k, v in weights(run).items():
         assert torch.equal(v, good[k])
+
+
+def test_resume_continues_the_same_wandb_run(tmp_path, tiny_train_cfg, monkeypatch):
+    import wandb
+    calls = []
+
+    class FakeRun:
+        id = "run-abc123"
+
+        def log(self, *a, **k):
+            pass
+
+        def finish(self):
+            pass
+
+    def fake_init(**kwargs):
+        calls.append(kwargs)
+        return FakeRun()
+    monkeypatch.setattr(wandb, "init", fake_init)
+    run = tmp_path / "run"
+    train(tiny_train_cfg("logger.wandb.mode=offline"), run)
+    train(resume_config(run, ["train.epochs=2"]), run)
+    assert calls[0]["id"] is None and calls[1]["id"] == "run-abc123"
+    assert calls[1]["resume"] == "allow" and calls[1]["dir"] == str(run)
