@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from data.datasets import output_key
+from data.datasets import PHOTO, output_key
 from retrieval.metrics import per_class, retrieval_metrics, summarize
 from retrieval.report import write_report
 from utils.io import load_torch, save_json
@@ -15,7 +15,6 @@ from utils.runtime import UserError, log, pick_device, setup_logging
 
 LOGIT_FILES = ("img_logits.pt", "txt_logits.pt", "converted_logits.pt")
 QUERY_KINDS = ("original", "converted")
-PHOTO_MODE = 0
 
 
 def find_output_folder(cfg):
@@ -63,15 +62,15 @@ def evaluate(cfg):
     m1 = np.array([int(r["m1"]) for r in rows])
     labels = np.array([int(r["label"]) for r in rows])
     split = np.array([r.get("split") or "test" for r in rows])
-    q = (m1 != PHOTO_MODE) & (split == "test")
-    g = (m1 == PHOTO_MODE) & ((split == "test") | (bool(ecfg.generalized) & (split == "seen")))
+    q = (m1 != PHOTO) & (split == "test")
+    g = (m1 == PHOTO) & ((split == "test") | (bool(ecfg.generalized) & (split == "seen")))
     if ecfg.generalized and not (split == "seen").any():
         raise UserError(f"eval.generalized=true needs seen-class photos in {folder}; run "
                         f"`python infer.py path={cfg.path} mode={cfg.mode} dataset.generalized=true`.")
     if not q.any() or not g.any():
         raise UserError(f"{folder} has {q.sum()} sketch queries and {g.sum()} photos; both must be > 0.")
     img = tensors["img_logits.pt"].float()
-    queries = {"original": img[q], "converted": tensors["converted_logits.pt"][q][:, 0, PHOTO_MODE].float()}
+    queries = {"original": img[q], "converted": tensors["converted_logits.pt"][q][:, 0, PHOTO].float()}
     device = pick_device(ecfg.device)
     protocols = list(dict.fromkeys(["default"] + list(ecfg.protocols)))
     results, tops = {}, {}

@@ -54,12 +54,6 @@ class GatherFeatures:
         return all_img, all_txt
 
 
-def all_reduce_sum(t):
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
 def all_gather_cat(t):
     """Concatenate a tensor of any first-dim size from all ranks, in rank order."""
     if not (dist.is_available() and dist.is_initialized()):
