@@ -88,9 +88,25 @@ def test_builtin_splits_and_unknown_split(tmp_path):
     assert len(read_class_list(split_file("sketchy", None))) == 21
     assert len(read_class_list(split_file("sketchy", "sketchy_25"))) == 25
     assert len(read_class_list(split_file("tuberlin", None))) == 30
+    assert len(read_class_list(split_file("tuberlin", "tuberlin_sake30"))) == 30
     assert len(read_class_list(split_file("quickdraw", None))) == 30
     with pytest.raises(UserError, match="unknown split 'sketchy_99'.*sketchy_21"):
         split_file("sketchy", "sketchy_99")
+
+
+def test_tuberlin_sake_split_matches_the_download_spelling(tmp_path):
+    """SAKE's list names classes as TU-Berlin's folders do ('bottle opener', 'frying-pan')."""
+    from data.datasets import read_class_list, split_file
+    sake = read_class_list(split_file("tuberlin", "tuberlin_sake30"))
+    folders = ["airplane", "zebra", "bottle opener", "frying-pan", "t-shirt", "hot air balloon"]
+    folders += [c for c in sake if c not in ("bottle_opener", "frying-pan", "t-shirt", "hot_air_balloon")]
+    root = make_tree(tmp_path, ["png"], ["ImageResized"], classes=folders, n=1)
+    dcfg = cfg_for("tuberlin", root, None)
+    dcfg.split, dcfg.unseen_file = "tuberlin_sake30", None
+    ix = build_index("tuberlin", dcfg)
+    assert ix.seen == ["airplane", "zebra"] and len(ix.unseen) == 30
+    assert {r["img_path"].split("/")[-2] for r in ix.rows_of(ix.unseen)} == set(folders[2:])
+    assert set(sake) != set(read_class_list(split_file("tuberlin", None)))
 
 
 def write_csv(path, rows):
