@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import OmegaConf
 
 from data.datasets import PHOTO, output_key
@@ -51,6 +52,13 @@ def load_outputs(folder):
     if len(set(n.values())) != 1 or len(rows) not in n.values():
         raise UserError(f"{folder}: index.csv has {len(rows)} rows but the logits have {n} rows; "
                         f"the files come from different runs. Re-run infer.py.")
+    for name in ("img_logits.pt", "converted_logits.pt"):
+        bad = (~torch.isfinite(tensors[name].float().flatten(1)).all(1)).nonzero()[:, 0]
+        if bad.numel():
+            raise UserError(f"{folder / name}: {bad.numel()} of {n[name]} embeddings are NaN or infinite "
+                            f"(first: {rows[int(bad[0])]['img_path']}); the model that produced them had diverged. "
+                            f"Infer and evaluate the other checkpoint (mode=best or mode=last), or retrain with "
+                            f"a lower learning rate.")
     return tensors, rows
 
 

@@ -60,6 +60,15 @@ def test_mismatched_lengths_are_a_clear_error(tmp_path):
     assert not (out / "eval_result.json").exists()
 
 
+def test_non_finite_embeddings_are_a_clear_error(tmp_path):
+    out, rows, img = fake_output(tmp_path)
+    img[5, 3] = float("nan")
+    torch.save(img, out / "img_logits.pt")
+    with pytest.raises(UserError, match=r"img_logits.pt: 1 of 24 embeddings are NaN.*first: x/c0/1_1.png"):
+        evaluate(eval_cfg(tmp_path))
+    assert not (out / "eval_result.json").exists()
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     out, *_ = fake_output(tmp_path)
     (out / "converted_logits.pt").unlink()

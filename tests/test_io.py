@@ -38,6 +38,7 @@ class Payload:
         return (os.system, ("touch PWNED_BY_CHECKPOINT",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pth"
