@@ -7,7 +7,10 @@ from omegaconf import OmegaConf
 
 from data.index import build_index
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+# the paper's public annotation files: shared/ beside the checkout, or inside it
+_REPO = Path(__file__).resolve().parents[1]
+REFERENCE = next((p for p in (_REPO.parent / "shared" / "reference", _REPO / "shared" / "reference")
+                  if p.is_dir()), _REPO.parent / "shared" / "reference")
 
 
 def lay_out(root, ref_rows, seen_dirs):
