@@ -1,4 +1,4 @@
-"""Atomic writes and safe checkpoint loading."""
+"""Atomic writes, safe checkpoint loading, device choice."""
 import os
 import pickle
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from utils.io import UnsafeCheckpointError, load_torch, save_json, save_torch
+from utils.runtime import UserError
 
 
 def test_failed_save_leaves_previous_file_intact(tmp_path, monkeypatch):
@@ -56,3 +57,13 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_pick_device_explains_a_missing_gpu(monkeypatch):
+    from utils.runtime import pick_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto").type == "cpu" and pick_device("cpu").type == "cpu"
+    with pytest.raises(UserError, match=r"device 'cuda' asked for, but PyTorch sees no CUDA GPU.*device=auto"):
+        pick_device("cuda")
+    with pytest.raises(UserError, match=r"unknown device 'gpu'.*auto, cpu, cuda"):
+        pick_device("gpu")
