@@ -67,3 +67,11 @@ def test_pick_device_explains_a_missing_gpu(monkeypatch):
         pick_device("cuda")
     with pytest.raises(UserError, match=r"unknown device 'gpu'.*auto, cpu, cuda"):
         pick_device("gpu")
+
+
+def test_unknown_precision_is_a_clear_error_on_any_device():
+    from utils.runtime import autocast
+    with autocast(torch.device("cpu"), "bf16"):
+        pass
+    with pytest.raises(UserError, match=r"unknown precision 'bf32'.*'bf16', 'fp16', 'fp32'"):
+        autocast(torch.device("cpu"), "bf32")

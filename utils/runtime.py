@@ -34,10 +34,18 @@ def seed_everything(seed):
 
 def autocast(device, precision):
     """The one autocast helper: bf16/fp16 mixed precision on CUDA, plain fp32 elsewhere."""
-    if device.type != "cuda" or precision == "fp32":
+    dtype = amp_dtype(precision)
+    if device.type != "cuda" or dtype is None:
         return nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def amp_dtype(precision):
+    """The autocast dtype of a precision name (None for fp32); a clear error for any other name."""
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+    if precision not in dtypes:
+        raise UserError(f"unknown precision {precision!r}. Use one of {sorted(dtypes)}.")
+    return dtypes[precision]
 
 
 def setup_logging(log_file=None):
