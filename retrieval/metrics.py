@@ -1,7 +1,8 @@
 """Exact retrieval metrics in one pass over chunks of queries (DESIGN section 7).
 
 Photos are ranked by cosine similarity, descending, ties broken by gallery index (stable sort).
-Memory is bounded by chunk x gallery; the full query x gallery matrix is never built.
+Memory is bounded by chunk x gallery; the full query x gallery matrix is never built. Queries
+are taken in label order, so that each chunk holds runs of queries sharing their relevant photos.
 
 Protocols:
 - "default" (the paper's code, shared with ZSE-SBIR): AP is VOC-interpolated (precision made
@@ -25,32 +26,70 @@ def _reverse_cummax(x):
     return torch.flip(torch.cummax(torch.flip(x, dims=[1]), dim=1).values, dims=[1])
 
 
-def ranking_keys(sims, out=None):
-    """int64 keys, unique per row, whose descending order is the ranking: similarity descending,
-    ties by gallery index ascending. The float bits are mapped to order-preserving ints (upper
-    32 bits), the reversed gallery index fills the lower 32. `sims` is overwritten; `out` is an
-    int64 buffer to reuse."""
-    sims = sims.float().contiguous().add_(0.0)  # + 0.0 turns -0.0 into +0.0
-    bits = sims.view(torch.int32)
-    bits.bitwise_xor_(bits.bitwise_right_shift(31).bitwise_and_(0x7FFFFFFF))
-    n = bits.shape[1]
-    keys = torch.empty(bits.shape, dtype=torch.int64, device=bits.device) if out is None else out[:bits.shape[0]]
-    keys.copy_(bits).mul_(1 << 32).add_(n - 1 - torch.arange(n, device=bits.device))
-    return keys
+def order_keys(values, index, n):
+    """int64 keys, unique within a row, in ranking order: similarity, then gallery index reversed
+    (ties go to the lower index). Upper 32 bits: the float's bits mapped to an order-preserving
+    int; lower 32 bits: n - 1 - index."""
+    bits = (values.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    bits = bits ^ (bits >> 31 & 0x7FFFFFFF)
+    return bits.to(torch.int64) * (1 << 32) + (n - 1 - index)
 
 
-def hit_ranks(keys, relevant):
-    """1-based ranks of the relevant gallery items for each row, ascending: [rows, P].
+def hit_ranks(sims, relevant):
+    """1-based ranks of the relevant gallery items in each row of `sims` [n, G] (rows that share
+    the relevant set), ascending: [n, P].
 
-    Sorts only the P relevant keys of a row and counts, for each, the gallery items ranked
-    above it with one binary search per gallery item: O(G log P), not O(G log G)."""
-    asc = torch.sort(keys[:, relevant], dim=1).values
-    below = torch.searchsorted(asc, keys)  # per photo: relevant keys under its key
-    n, p = asc.shape
-    offsets = torch.arange(n, device=keys.device)[:, None] * (p + 1)
-    counts = torch.bincount((below + offsets).view(-1), minlength=n * (p + 1)).view(n, p + 1)
+    Never sorts the gallery. Each row's similarities are cut into G equal-width buckets, a
+    monotone map, so photos in different buckets compare as their buckets do: a prefix count of
+    the relevant photos per bucket gives every photo the number of relevant photos ranked below
+    it. Only photos that share a bucket with a relevant photo (a few per relevant photo) are
+    compared exactly, by binary search among the row's sorted relevant keys. A histogram of those
+    counts gives, for each relevant photo, the photos ranked above it."""
+    n, g = sims.shape
+    p = relevant.numel()
+    lo, hi = torch.aminmax(sims, dim=1, keepdim=True)
+    width = hi - lo
+    scale = torch.where(width > 0, (g - 1) / width, torch.zeros_like(width))
+    bucket = (sims - lo).mul_(scale).to(torch.int64).clamp_(0, g - 1)
+    rel_bucket = bucket[:, relevant]
+    # below_bucket[r, b]: relevant photos of row r in buckets < b, plus the row's histogram offset
+    below_bucket = torch.zeros((n, g + 1), dtype=torch.int64, device=sims.device)
+    below_bucket.scatter_add_(1, rel_bucket + 1, torch.ones_like(rel_bucket)).cumsum_(1)
+    shared = below_bucket[:, 1:] != below_bucket[:, :-1]
+    base = torch.arange(n, device=sims.device) * (p + 1)
+    below = torch.gather(below_bucket.add_(base[:, None]), 1, bucket)
+    r, i = torch.gather(shared, 1, bucket).nonzero(as_tuple=True)
+    rel_keys = torch.sort(order_keys(sims[:, relevant], relevant, g), dim=1).values
+    below[r, i] = _search_rows(rel_keys, r, order_keys(sims[r, i], i, g)) + base[r]
+    counts = torch.bincount(below.view(-1), minlength=n * (p + 1)).view(n, p + 1)
     above = torch.flip(torch.cumsum(torch.flip(counts, dims=[1]), dim=1), dims=[1])[:, 1:]
     return torch.flip(above, dims=[1]) + 1
+
+
+def _search_rows(sorted_keys, rows, keys):
+    """For each key, how many keys of its row of `sorted_keys` are smaller (rows ascending)."""
+    n = sorted_keys.shape[0]
+    per_row = torch.bincount(rows, minlength=n)
+    col = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(per_row, 0) - per_row)[rows]
+    padded = torch.zeros((n, max(1, int(per_row.max()) if rows.numel() else 1)), dtype=torch.int64,
+                         device=rows.device)
+    padded[rows, col] = keys
+    return torch.searchsorted(sorted_keys, padded)[rows, col]
+
+
+def top_indices(sims, k):
+    """The k best gallery indices of each row in ranking order, ties to the lower index: a float
+    top-k finds each row's k-th value, then everything at least as similar is ordered exactly."""
+    n, g = sims.shape
+    if k == 0:
+        return torch.zeros((n, 0), dtype=torch.int64, device=sims.device)
+    kth = torch.topk(sims, k, dim=1).values[:, -1:]
+    r, i = (sims >= kth).nonzero(as_tuple=True)
+    order = torch.sort(order_keys(sims[r, i], i, g), descending=True, stable=True).indices
+    order = order[torch.sort(r[order], stable=True).indices]
+    per_row = torch.bincount(r, minlength=n)
+    first = torch.cumsum(per_row, 0) - per_row
+    return i[order][first[:, None] + torch.arange(k, device=sims.device)]
 
 
 def _group_metrics(ranks, ap_cut, ks, protocols):
@@ -103,18 +142,21 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
     per_query = {k: torch.full((queries.shape[0],), math.nan, dtype=torch.float64) for k in names}
     topk = min(topk, gallery.shape[0])
     top = torch.zeros((queries.shape[0], topk), dtype=torch.int64)
-    buffer = torch.empty((min(chunk_size, queries.shape[0]), gallery.shape[0]), dtype=torch.int64, device=device)
+    by_label = torch.argsort(q_labels, stable=True)  # each chunk holds runs of one label
     for s in tqdm(range(0, queries.shape[0], chunk_size), desc=desc, disable=not progress, leave=False):
-        keys = ranking_keys(queries[s:s + chunk_size].to(device) @ gallery.T, out=buffer)
-        top[s:s + keys.shape[0]] = torch.topk(keys, topk, dim=1).indices.cpu()
-        labels = q_labels[s:s + chunk_size]
-        for lab in torch.unique(labels).tolist():
+        idx = by_label[s:s + chunk_size]
+        sims = queries[idx].to(device) @ gallery.T
+        top[idx] = top_indices(sims, topk).cpu()
+        labels, counts = torch.unique_consecutive(q_labels[idx], return_counts=True)
+        start = 0
+        for lab, count in zip(labels.tolist(), counts.tolist()):
+            rows = slice(start, start + count)
+            start += count
             if relevant[lab].numel() == 0:
                 continue  # no relevant photo: NaN, as the seed
-            rows = (labels == lab).nonzero()[:, 0]
-            out = _group_metrics(hit_ranks(keys[rows.to(device)], relevant[lab]), ap_cut, ks, protocols)
+            out = _group_metrics(hit_ranks(sims[rows], relevant[lab]), ap_cut, ks, protocols)
             for k, v in out.items():
-                per_query[k][s + rows] = v.cpu()
+                per_query[k][idx[rows]] = v.cpu()
     return {k: v.numpy() for k, v in per_query.items()}, top.numpy()
 
 

@@ -55,6 +55,7 @@ def random_case(seed, nq=37, ng=230, d=8, n_cls=6, ties=True):
         g[10:20] = g[0]
         q = np.round(q)
         g = np.round(g)
+        q[1] = 0  # a query whose similarities all tie
     ql = rng.integers(0, n_cls + 1, size=nq)  # label n_cls has no photo: NaN queries
     gl = rng.integers(0, n_cls, size=ng)
     return q, g, ql, gl
