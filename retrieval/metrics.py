@@ -136,6 +136,8 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
     gallery = torch.as_tensor(gallery, dtype=torch.float32).to(device)
     g_lab = torch.as_tensor(np.asarray(g_labels)).to(device)
     queries = torch.as_tensor(queries, dtype=torch.float32)
+    if not (torch.isfinite(queries).all() and torch.isfinite(gallery).all()):
+        raise ValueError("embeddings contain NaN or infinite values; similarities cannot be ranked.")
     q_labels = torch.as_tensor(np.asarray(q_labels))
     relevant = {int(l): (g_lab == l).nonzero()[:, 0] for l in torch.unique(q_labels).tolist()}
     names = metric_names(ap_cut, ks, protocols)

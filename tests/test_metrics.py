@@ -119,3 +119,10 @@ def test_summary_skips_nan_and_per_class():
     per_query = {"default/AP@all": np.array([0.5, math.nan, 1.0])}
     assert summarize(per_query)["default/AP@all"] == pytest.approx(0.75)
     assert per_class(np.array([0.5, 1.0, 0.2, math.nan]), np.array([3, 3, 4, 4])) == {3: 0.75, 4: 0.2}
+
+
+def test_non_finite_embeddings_are_refused():
+    q, g, ql, gl = random_case(0)
+    g[3, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        retrieval_metrics(q, g, ql, gl, progress=False)
