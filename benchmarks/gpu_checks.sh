@@ -15,7 +15,7 @@ step() {  # step <log name> <command...>: run, log, remember a failure, go on
     local name=$1; shift
     echo "== $name: $*" | tee "$out/$name.log"
     local t0=$SECONDS
-    "$@" 2>&1 | tr '\r' '\n' | grep -v -E '^(ranking|original|converted).*it/s' | tee -a "$out/$name.log"
+    "$@" 2>&1 | tr '\r' '\n' | grep -v -E '^(ranking|original|converted).*(it/s|s/it)' | tee -a "$out/$name.log"
     local rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$out/$name.log"
     [ "$rc" -eq 0 ] || status=1
