@@ -31,7 +31,7 @@ def order_keys(values, index, n):
     (ties go to the lower index). Upper 32 bits: the float's bits mapped to an order-preserving
     int; lower 32 bits: n - 1 - index."""
     bits = (values.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
-    bits = bits ^ (bits >> 31 & 0x7FFFFFFF)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
     return bits.to(torch.int64) * (1 << 32) + (n - 1 - index)
 
 
@@ -67,12 +67,12 @@ def hit_ranks(sims, relevant):
 
 
 def _search_rows(sorted_keys, rows, keys):
-    """For each key, how many keys of its row of `sorted_keys` are smaller (rows ascending)."""
+    """For each key, how many keys of its row of `sorted_keys` are smaller (`rows` ascending,
+    every row present: each holds at least its own relevant photos)."""
     n = sorted_keys.shape[0]
     per_row = torch.bincount(rows, minlength=n)
     col = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(per_row, 0) - per_row)[rows]
-    padded = torch.zeros((n, max(1, int(per_row.max()) if rows.numel() else 1)), dtype=torch.int64,
-                         device=rows.device)
+    padded = torch.zeros((n, int(per_row.max())), dtype=torch.int64, device=rows.device)
     padded[rows, col] = keys
     return torch.searchsorted(sorted_keys, padded)[rows, col]
 
