@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from utils.io import UnsafeCheckpointError, load_torch, save_json, save_torch
-from utils.runtime import UserError
+from utils.runtime import UserError, autocast, pick_device
 
 
 def test_failed_save_leaves_previous_file_intact(tmp_path, monkeypatch):
@@ -60,7 +60,6 @@ def test_written_files_get_the_usual_permissions(tmp_path):
 
 
 def test_pick_device_explains_a_missing_gpu(monkeypatch):
-    from utils.runtime import pick_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_device("auto").type == "cpu" and pick_device("cpu").type == "cpu"
     with pytest.raises(UserError, match=r"device 'cuda' asked for, but PyTorch sees no CUDA GPU.*device=auto"):
@@ -70,7 +69,6 @@ def test_pick_device_explains_a_missing_gpu(monkeypatch):
 
 
 def test_unknown_precision_is_a_clear_error_on_any_device():
-    from utils.runtime import autocast
     with autocast(torch.device("cpu"), "bf16"):
         pass
     with pytest.raises(UserError, match=r"unknown precision 'bf32'.*'bf16', 'fp16', 'fp32'"):
