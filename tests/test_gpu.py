@@ -36,3 +36,45 @@ def test_bf16_training_step_on_gpu():
                          loss_ratios(mcfg))
     total.backward()
     assert torch.isfinite(total) and model.modes.weight.grad is not None
+
+
+def test_nccl_collectives_and_ddp_step_on_gpu():
+    """The NCCL code path at world size 1 (one GPU here): the gradient-carrying feature gather,
+    the variable-length gather used by validation, and a DDP step equal to the plain model's."""
+    import socket
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from utils.distributed import DistInfo, GatherFeatures, all_gather_cat
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            device_id=torch.device("cuda", 0))
+    try:
+        t = torch.arange(5.0, device="cuda").reshape(5, 1)
+        assert torch.equal(all_gather_cat(t), t)
+        mcfg = OmegaConf.create(dict(backbone="ma-tiny", pretrained=None, n_mode=4, temperature=2.6592,
+                                     clip_loss_ratio=1.0, sem_loss_ratio=0.1, disc_loss_ratio=0.1,
+                                     rec_loss_ratio=0.02, orth_loss_ratio=0.01))
+        torch.manual_seed(0)
+        plain = build_model(mcfg)[0].cuda()
+        torch.manual_seed(0)
+        ddp = DistributedDataParallel(build_model(mcfg)[0].cuda(), device_ids=[0])
+        g = torch.Generator().manual_seed(1)
+        args = (torch.randn(8, 3, 64, 64, generator=g).cuda(), torch.randint(1, 400, (2, 16), generator=g).cuda(),
+                torch.tensor([0, 1] * 4).cuda(), torch.tensor([0, 1] * 4).cuda(), torch.full((8,), 3).cuda(),
+                loss_ratios(mcfg))
+        ref, _ = plain(*args)
+        ref.backward()
+        got, _ = ddp(*args, GatherFeatures(DistInfo(0, 0, 1)))
+        got.backward()
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        grads = dict(plain.named_parameters())
+        for name, p in ddp.module.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    finally:
+        dist.destroy_process_group()
