@@ -67,7 +67,7 @@ def infer(cfg):
         roots += [ix.root] * len(seen_photos)
     if not rows:
         raise UserError(f"the test split of {dcfg.test_idx} is empty; check the dataset root and split.")
-    info = init_distributed()
+    info = init_distributed(cfg.device)
     device = pick_device(cfg.device)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)

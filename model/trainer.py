@@ -166,7 +166,7 @@ class Trainer:
 
     def __init__(self, cfg, run_dir):
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.info = info = init_distributed()
+        self.info = info = init_distributed(cfg.device)
         setup_logging(self.run_dir / "train.log" if info.is_main else None)
         self.device = pick_device(cfg.device)
         amp_dtype(cfg.train.precision)  # a wrong name fails here, before any work

@@ -43,7 +43,7 @@ def ddp_worker(rank, world, port, out):
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    info = init_distributed()
+    info = init_distributed("cpu")  # gloo, also on a machine with GPUs
     net = model()
     ddp = DistributedDataParallel(net)
     b = batch()
@@ -110,3 +110,32 @@ def test_torchrun_sharded_inference_equals_one_process(tmp_path, demo_root):
     assert (single / "index.csv").read_text() == index
     for f, t in expect.items():
         torch.testing.assert_close(torch.load(single / f, weights_only=True), t, atol=1e-5, rtol=0)
+
+
+def test_backend_follows_the_device_setting(monkeypatch):
+    """device=cpu runs gloo even where GPUs are visible; CUDA runs NCCL, one process per GPU, and
+    more processes than GPUs is a clear error naming the fix."""
+    import pytest
+
+    import utils.distributed as ud
+    from utils.runtime import UserError
+
+    chosen = []
+    monkeypatch.setattr(ud.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(ud.dist, "init_process_group", lambda backend: chosen.append(backend))
+    monkeypatch.setattr(ud.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ud.torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(ud.torch.cuda, "set_device", lambda i: chosen.append(f"set_device {i}"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    info = ud.init_distributed("cpu")
+    assert chosen == ["gloo"] and (info.rank, info.local_rank, info.world_size) == (1, 1, 2)
+    for device in ("auto", "cuda"):
+        with pytest.raises(UserError, match=r"only 1 GPU\(s\).*--nproc_per_node=1.*device=cpu"):
+            ud.init_distributed(device)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    chosen.clear()
+    ud.init_distributed("auto")
+    assert chosen == ["set_device 0", "nccl"]

@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn
 
+from utils.runtime import UserError
+
 
 @dataclass
 class DistInfo:
@@ -23,17 +25,26 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed():
-    """Join the process group torchrun describes in the environment; a no-op without it."""
+def init_distributed(device="auto"):
+    """Join the process group torchrun describes in the environment; a no-op without it.
+    `device` is the run's device setting: NCCL with one GPU per process when it means CUDA
+    (auto with a GPU present, cuda, cuda:<i>), gloo for CPU processes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
+        name = str(device or "auto")
+        use_cuda = name.startswith("cuda") or (name == "auto" and torch.cuda.is_available())
+        if use_cuda:
+            n_gpu = torch.cuda.device_count()
+            if local_rank >= n_gpu:
+                raise UserError(
+                    f"torchrun started process LOCAL_RANK={local_rank} on this node, but only {n_gpu} GPU(s) "
+                    f"are visible: DDP on CUDA runs one process per GPU. Use --nproc_per_node={n_gpu}, "
+                    f"or device=cpu for CPU processes (gloo backend).")
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistInfo(rank, local_rank, world)
 
 
