@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and measurement BENCHMARKS.md asks for, in one go (a few minutes on one GPU):
 # the CUDA tests, the metric engine at both sizes, and the training throughput of ViT-B-32 (bf16,
-# eager and torch.compile) beside the loader's, then the demo's train -> infer -> evaluate on CUDA.
+# eager and torch.compile) beside the loader's, the demo's train -> infer -> evaluate on CUDA, and
+# last the whole test suite on this machine (failures listed by name).
 # Each step has a time limit, so one slow step cannot eat the rest. Logs go to $OUT (default gpu-results/).
 #   bash benchmarks/gpu_checks.sh            # python from $PYTHON, default python3
 set -uo pipefail
@@ -16,7 +17,7 @@ step() {  # step <log name> <seconds> <command...>: run, log, remember a failure
     local name=$1 limit=$2; shift 2
     echo "== $name: $*" | tee "$out/$name.log"
     local t0=$SECONDS
-    timeout "$limit" "$@" 2>&1 | tr '\r' '\n' | grep -v -E '^(ranking|original|converted).*(it/s|s/it)' | tee -a "$out/$name.log"
+    timeout "$limit" "$@" 2>&1 | tr '\r' '\n' | grep -v -E '[0-9]%\|' | tee -a "$out/$name.log"
     local rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$out/$name.log"
     [ "$rc" -eq 0 ] || status=1
@@ -34,4 +35,5 @@ step metrics_quickdraw 150 "$py" -m benchmarks.metrics quickdraw --device cuda -
 step train_vit 200 "$py" -m benchmarks.train_throughput --backbone ViT-B-32 --batch-size 256 --precision bf16 --workers 8 --device cuda
 step demo_cuda 150 bash -c "$demo"
 step metrics_seed_cpu 60 "$py" -m benchmarks.metrics seed --device cpu
+step full_suite 420 "$py" -m pytest -q -rf -p no:cacheprovider tests
 exit $status
