@@ -1,4 +1,8 @@
 """Training loop details: gradient accumulation, skipping non-finite batches, wandb fallback."""
+import logging
+import sys
+
+import pytest
 import torch
 
 from model import trainer
@@ -29,7 +33,7 @@ def test_nonfinite_batches_are_skipped_and_counted(tmp_path, tiny_train_cfg, mon
 
 
 def test_wandb_falls_back_instead_of_failing(tmp_path, tiny_train_cfg, monkeypatch):
-    import wandb
+    wandb = pytest.importorskip("wandb")  # a declared dependency; optional at run time
     modes = []
 
     def no_network(mode, **kwargs):
@@ -39,6 +43,14 @@ def test_wandb_falls_back_instead_of_failing(tmp_path, tiny_train_cfg, monkeypat
     cfg = tiny_train_cfg("logger.wandb.mode=online")
     assert trainer.init_wandb(cfg, tmp_path, None) is None
     assert modes == ["online", "offline"]
+
+
+def test_missing_wandb_logs_to_train_log_only(tmp_path, tiny_train_cfg, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` raise ImportError
+    cfg = tiny_train_cfg("logger.wandb.mode=offline")
+    with caplog.at_level(logging.WARNING):
+        assert trainer.init_wandb(cfg, tmp_path, None) is None
+    assert "wandb is not installed" in caplog.text
 
 
 def test_warmup_then_constant_or_linear():
