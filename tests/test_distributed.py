@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -12,6 +13,7 @@ from omegaconf import OmegaConf
 
 from model.backbone import build_model, loss_ratios
 from tests.conftest import REPO
+from utils.runtime import UserError
 
 MCFG = dict(backbone="ma-tiny-vit", pretrained=None, n_mode=4, temperature=2.6592, clip_loss_ratio=1.0,
             sem_loss_ratio=0.1, disc_loss_ratio=0.1, rec_loss_ratio=0.02, orth_loss_ratio=0.01)
@@ -115,10 +117,7 @@ def test_torchrun_sharded_inference_equals_one_process(tmp_path, demo_root):
 def test_backend_follows_the_device_setting(monkeypatch):
     """device=cpu runs gloo even where GPUs are visible; CUDA runs NCCL, one process per GPU, and
     more processes than GPUs is a clear error naming the fix."""
-    import pytest
-
     import utils.distributed as ud
-    from utils.runtime import UserError
 
     chosen = []
     monkeypatch.setattr(ud.dist, "is_initialized", lambda: False)
@@ -139,3 +138,6 @@ def test_backend_follows_the_device_setting(monkeypatch):
     chosen.clear()
     ud.init_distributed("auto")
     assert chosen == ["set_device 0", "nccl"]
+    monkeypatch.setattr(ud.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="sees no CUDA GPU"):
+        ud.init_distributed("cuda")

@@ -41,17 +41,13 @@ def test_bf16_training_step_on_gpu():
 def test_nccl_collectives_and_ddp_step_on_gpu():
     """The NCCL code path at world size 1 (one GPU here): the gradient-carrying feature gather,
     the variable-length gather used by validation, and a DDP step equal to the plain model's."""
-    import socket
-
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
+    from tests.test_distributed import free_port
     from utils.distributed import DistInfo, GatherFeatures, all_gather_cat
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                             device_id=torch.device("cuda", 0))
     try:
         t = torch.arange(5.0, device="cuda").reshape(5, 1)

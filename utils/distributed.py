@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn
 
-from utils.runtime import UserError
+from utils.runtime import UserError, pick_device
 
 
 @dataclass
@@ -34,8 +34,7 @@ def init_distributed(device="auto"):
         return DistInfo()
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
-        name = str(device or "auto")
-        use_cuda = name.startswith("cuda") or (name == "auto" and torch.cuda.is_available())
+        use_cuda = pick_device(device).type == "cuda"  # also the clear error for cuda without a GPU
         if use_cuda:
             n_gpu = torch.cuda.device_count()
             if local_rank >= n_gpu:
