@@ -12,7 +12,7 @@ from model.checkpoint import load_checkpoint
 from model.embed import embed_rows
 from utils.distributed import all_gather_cat, cleanup_distributed, init_distributed
 from utils.io import save_csv, save_json, save_torch
-from utils.runtime import UserError, log, pick_device, setup_logging
+from utils.runtime import UserError, log, setup_logging
 
 INDEX_COLUMNS = COLUMNS + ["split"]
 
@@ -68,9 +68,7 @@ def infer(cfg):
     if not rows:
         raise UserError(f"the test split of {dcfg.test_idx} is empty; check the dataset root and split.")
     info = init_distributed(cfg.device)
-    device = pick_device(cfg.device)
-    if info.enabled and device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
+    device = info.device(cfg.device)
     model, _, eval_tf, tokenizer = build_model(OmegaConf.create(dict(train_cfg.model, pretrained=None)))
     try:
         model.load_state_dict(ckpt["model"])

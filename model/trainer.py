@@ -25,7 +25,7 @@ from model.embed import embed_rows
 from retrieval.metrics import retrieval_metrics, summarize
 from utils.distributed import GatherFeatures, all_gather_cat, cleanup_distributed, init_distributed
 from utils.io import save_text
-from utils.runtime import UserError, amp_dtype, autocast, log, pick_device, seed_everything, setup_logging
+from utils.runtime import UserError, amp_dtype, autocast, log, seed_everything, setup_logging
 
 
 class ResumableSampler(torch.utils.data.Sampler):
@@ -168,10 +168,8 @@ class Trainer:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.info = info = init_distributed(cfg.device)
         setup_logging(self.run_dir / "train.log" if info.is_main else None)
-        self.device = pick_device(cfg.device)
+        self.device = info.device(cfg.device)
         amp_dtype(cfg.train.precision)  # a wrong name fails here, before any work
-        if info.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", info.local_rank)
         resume = load_checkpoint(self.last_path) if cfg.get("resume") else None
         if resume is not None:
             check_compatible(resume["config"], cfg, self.last_path)

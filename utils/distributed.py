@@ -24,6 +24,11 @@ class DistInfo:
     def enabled(self):
         return self.world_size > 1
 
+    def device(self, name):
+        """This process's device for the run's device setting: under DDP on CUDA, its own GPU."""
+        device = pick_device(name)
+        return torch.device("cuda", self.local_rank) if self.enabled and device.type == "cuda" else device
+
 
 def init_distributed(device="auto"):
     """Join the process group torchrun describes in the environment; a no-op without it.
