@@ -1,5 +1,6 @@
 """Retrieval metrics of a run's embeddings: python evaluate.py path=<run> [mode=best|last]"""
 import hydra
+from hydra.core.hydra_config import HydraConfig
 
 from retrieval.evaluate import evaluate
 from utils.runtime import run_cli
@@ -7,7 +8,7 @@ from utils.runtime import run_cli
 
 @hydra.main(version_base="1.3", config_path="setting", config_name="config-eval")
 def main(cfg):
-    run_cli(evaluate, cfg)
+    run_cli(evaluate, cfg, list(HydraConfig.get().overrides.task))
 
 
 if __name__ == "__main__":

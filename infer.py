@@ -1,5 +1,6 @@
 """Export embeddings of a run's test split: python infer.py path=<run> [mode=best|last]"""
 import hydra
+from hydra.core.hydra_config import HydraConfig
 
 from model.inference import infer
 from utils.runtime import run_cli
@@ -7,7 +8,7 @@ from utils.runtime import run_cli
 
 @hydra.main(version_base="1.3", config_path="setting", config_name="config-infer")
 def main(cfg):
-    run_cli(infer, cfg)
+    run_cli(infer, cfg, list(HydraConfig.get().overrides.task))
 
 
 if __name__ == "__main__":

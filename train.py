@@ -4,27 +4,23 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from model.trainer import discard_unfinished_run, resume_config, train
-from utils.runtime import UserError, run_cli
-
-
-def start(cfg, run_dir):
-    try:
-        return train(cfg, run_dir)
-    except UserError:
-        discard_unfinished_run(run_dir)
-        raise
+from model.trainer import resume_config, train
+from utils.run_folder import made_by_this_process, remove_empty_run_folder
+from utils.runtime import run_cli
 
 
 @hydra.main(version_base="1.3", config_path="setting", config_name="config-train")
 def main(cfg):
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.get("resume"):
-        cfg = resume_config(cfg.resume, HydraConfig.get().overrides.task)
-        if run_dir.resolve() != Path(cfg.resume).resolve():
-            discard_unfinished_run(run_dir)  # Hydra's new folder; the run continues in its own
-        run_dir = Path(cfg.resume)
-    return run_cli(start, cfg, run_dir)
+    hydra_dir = Path(HydraConfig.get().runtime.output_dir)
+    fresh = made_by_this_process(hydra_dir)  # before anything is written into it
+    overrides = list(HydraConfig.get().overrides.task)
+    try:
+        if cfg.get("resume"):
+            cfg = run_cli(resume_config, cfg.resume, overrides)
+        return run_cli(train, cfg, Path(cfg.resume) if cfg.get("resume") else hydra_dir, overrides)
+    finally:
+        if fresh:  # Hydra's folder, when the run failed to start or continued in its own folder
+            remove_empty_run_folder(hydra_dir)
 
 
 if __name__ == "__main__":

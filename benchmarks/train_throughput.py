@@ -19,7 +19,7 @@ from data.demo import DEFAULT_ROOT, generate
 from data.index import make_splits
 from data.loader import PromptTable, SketchPhotoDataset
 from model.backbone import build_model, loss_ratios
-from model.trainer import param_groups
+from model.optim import param_groups
 from utils.runtime import autocast, pick_device
 
 

@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from PIL import Image
 from tqdm import tqdm
 
 from data.datasets import PHOTO
-from data.index import make_splits
+from data.index import make_splits, validation_problem
 from data.loader import unreadable
 from utils.runtime import UserError
 
@@ -57,22 +58,31 @@ def check_structure(splits):
     return report
 
 
-def decode_problems(rows, report, progress=True):
+def decode_problems(rows, report, max_pixels, progress=True):
+    """Decode every image in full (JPEGs at reduced scale): truncation, foreign files, bombs."""
     for root, r in tqdm(rows, desc="decoding images", disable=not progress, dynamic_ncols=True):
-        problem = unreadable(root / r["img_path"])
+        problem = unreadable(root / r["img_path"], max_pixels)
         if problem:
             report.errors.append(f"unreadable image {root / r['img_path']}: {problem}")
 
 
-def check_dataset(dcfg, decode=True, progress=True, need_test=True):
+def check_dataset(dcfg, decode=True, progress=True, need_test=True, select="auto"):
     try:
-        splits = make_splits(dcfg, need_test=need_test)
+        splits = make_splits(dcfg, need_test=need_test, allow_empty_train=True)
     except UserError as e:
         return Report(errors=[str(e)])
     report = check_structure(splits)
     report.counts = {"train": count(splits.train), "val": count(splits.val), "test": count(splits.test)}
+    if not splits.train:
+        report.errors.append("the training split is empty: check dataset.train_idx and the dataset root.")
+    problem = validation_problem(splits)
+    if problem and select == "val_map":
+        report.errors.append(f"train.select=val_map cannot work: {problem}")
+    elif problem and splits.val_classes:
+        report.warnings.append(f"validation: {problem}; training selects best.pth as the last epoch")
     if decode:
-        decode_problems(splits.train + splits.val + splits.test, report, progress)
+        max_pixels = int(dcfg.get("max_image_pixels") or Image.MAX_IMAGE_PIXELS)
+        decode_problems(splits.train + splits.val + splits.test, report, max_pixels, progress)
     return report
 
 
@@ -100,7 +110,7 @@ def main(argv):
     opts = OmegaConf.from_dotlist([a for a in argv if a.startswith("check.")]).get("check", {})
     with initialize_config_dir(config_dir=str(setting), version_base="1.3"):
         cfg = compose(config_name="config-train", overrides=overrides)
-    report = check_dataset(cfg.dataset, decode=bool(opts.get("decode", True)))
+    report = check_dataset(cfg.dataset, decode=bool(opts.get("decode", True)), select=cfg.train.select)
     print(format_report(report))
     return 1 if report.errors else 0
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from utils.runtime import UserError
 
 PHOTO, SKETCH, TEXT = 0, 1, 3
-IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 SPLITS_DIR = Path(__file__).parent / "splits"
 COLUMNS = ["img_path", "text", "m1", "m2", "label"]
 

@@ -3,12 +3,15 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
 from tqdm import tqdm
 
 from data.datasets import (PHOTO, SKETCH, TEXT, match_key, prompt_for, read_annotation_csv,
                            read_class_list, resolve_name, resolve_root, scan_layout, split_file)
 from data.loader import unreadable
 from utils.runtime import UserError, log
+
+MIN_VAL_CLASSES = 5
 
 
 @dataclass
@@ -74,10 +77,10 @@ def _index_from_csv(name, root, csv_cfg, skip_missing):
     return DatasetIndex(name, root, train + test, seen, unseen, missing + missing_train)
 
 
-def drop_unreadable(rows, what):
-    """dataset.on_bad_image=skip: decode-check every image, leave out and count the bad ones."""
+def drop_unreadable(rows, what, max_pixels):
+    """dataset.on_bad_image=skip: decode every image, leave out and count the bad ones."""
     bad = [(root, r) for root, r in tqdm(rows, desc=f"checking {what} images", leave=False)
-           if unreadable(root / r["img_path"])]
+           if unreadable(root / r["img_path"], max_pixels)]
     if bad:
         log.warning(f"left out {len(bad)} unreadable {what} image(s) (dataset.on_bad_image=skip), "
                     f"e.g. {bad[0][0] / bad[0][1]['img_path']}")
@@ -107,7 +110,33 @@ def seen_class_split(seen, cls_ratio, seed):
     return sorted(order[:n_train]), sorted(order[n_train:])
 
 
-def make_splits(dcfg, need_test=True, need_train=True):
+def partial(rows, ratio, seed):
+    """A seeded random share of the rows (the authors' *_partial_ratio), in their order."""
+    if ratio >= 1 or not rows:
+        return rows
+    keep = sorted(random.Random(seed).sample(range(len(rows)), max(1, int(ratio * len(rows)))))
+    return [rows[i] for i in keep]
+
+
+def validation_problem(splits):
+    """Why the held-out seen classes cannot select a checkpoint (None when they can): fewer than
+    MIN_VAL_CLASSES classes, or a class without sketches or photos."""
+    if not splits.val_classes:
+        return "no seen classes are held out for validation (dataset.cls_ratio=1.0)"
+    if len(splits.val_classes) < MIN_VAL_CLASSES:
+        return (f"only {len(splits.val_classes)} seen class(es) are held out for validation "
+                f"({', '.join(splits.val_classes)}), fewer than {MIN_VAL_CLASSES}: mAP over so few "
+                f"classes says little (lower dataset.cls_ratio, or train.select=last)")
+    modes = {}
+    for _, r in splits.val:
+        modes.setdefault(r["cls"], set()).add(r["m1"])
+    lacking = sorted(c for c in splits.val_classes if modes.get(c, set()) != {PHOTO, SKETCH})
+    if lacking:
+        return f"validation class(es) {lacking} lack sketches or photos, so their mAP is undefined"
+    return None
+
+
+def make_splits(dcfg, need_test=True, need_train=True, allow_empty_train=False):
     train_ids = list(_cfg_get(dcfg, "train_idx", [])) if need_train else []
     test_idx = _cfg_get(dcfg, "test_idx") if need_test else None
     indices = {resolve_name(i): None for i in train_ids}
@@ -145,9 +174,13 @@ def make_splits(dcfg, need_test=True, need_train=True):
                 f"{test_index.root} class(es) {lacking['sketch']} have no sketch images and "
                 f"{lacking['photo']} no photos. Check those class folders, or take the classes "
                 f"out of the split file.")
+    seed = int(_cfg_get(dcfg, "split_seed", 0))
+    train = partial(train, float(_cfg_get(dcfg, "train_partial_ratio", 1.0)), seed)
+    val = partial(val, float(_cfg_get(dcfg, "valid_partial_ratio", 1.0)), seed)
     if _cfg_get(dcfg, "on_bad_image", "error") == "skip":
-        train, val, test = (drop_unreadable(rows, what) for rows, what in
+        max_pixels = int(_cfg_get(dcfg, "max_image_pixels", Image.MAX_IMAGE_PIXELS))
+        train, val, test = (drop_unreadable(rows, what, max_pixels) for rows, what in
                             ((train, "training"), (val, "validation"), (test, "test")))
-    if need_train and not train:
+    if need_train and not train and not allow_empty_train:
         raise UserError("the training split is empty: check dataset.train_idx and the dataset root.")
     return Splits(train, val, test, train_classes, val_classes, test_index, indices)

@@ -1,22 +1,49 @@
 """Image dataset and loaders: decoding and transforms run in worker processes, prompts are
 tokenised once per distinct prompt, and each sample carries the id of its prompt."""
 import os
+import warnings
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from utils.runtime import UserError
 
 
-def unreadable(path):
-    """Why an image file cannot be used (missing, truncated, not an image), or None."""
+def open_image(path, max_pixels=Image.MAX_IMAGE_PIXELS, draft=None):
+    """Decode an image fully: first frame of an animation, EXIF orientation applied, RGB. An image
+    above `max_pixels` is refused as a possible decompression bomb. draft=(w, h): let JPEG decode
+    at a reduced scale (the whole stream is still read, so truncation is caught)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            with Image.open(path) as im:
+                if draft is not None and im.format == "JPEG":
+                    im.draft("RGB", draft)
+                im.load()
+                return ImageOps.exif_transpose(im).convert("RGB")
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise UserError(f"image {path} is larger than dataset.max_image_pixels={max_pixels} ({e}). "
+                            f"If the file is genuine, raise dataset.max_image_pixels; else delete it.") from None
+        except Exception as e:  # PIL raises many types for corrupt or foreign files
+            raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}. Replace or delete the "
+                            f"file (python -m data.check lists every bad file).") from None
+
+
+def unreadable(path, max_pixels=Image.MAX_IMAGE_PIXELS):
+    """Why an image file cannot be used (missing, truncated, not an image, too large), or None.
+    Decodes the whole file (JPEGs at 1/8 scale, which still reads every byte)."""
     try:
-        with Image.open(path) as im:
-            im.verify()
-    except Exception as e:  # PIL raises many types for corrupt files
-        return f"{type(e).__name__}: {e}"
+        open_image(path, max_pixels, draft=(1, 1))
+    except UserError as e:
+        return str(e)
     return None
+
+
+def sample_seed(seed, epoch, index):
+    """The augmentation seed of one sample: the same wherever and whenever it is loaded."""
+    return (((int(seed) * 1_000_003) ^ int(epoch)) * 10_000_019 + int(index)) % (2**63 - 1)
 
 
 class PromptTable:
@@ -29,23 +56,28 @@ class PromptTable:
 
 
 class SketchPhotoDataset(Dataset):
-    def __init__(self, rows, transform, prompts):
+    """(root, row) pairs -> (image, prompt id, m1, m2, label, index). With `seed` set, random
+    transforms draw from sample_seed(seed, epoch, index), so workers and resumes agree."""
+
+    def __init__(self, rows, transform, prompts, max_pixels=Image.MAX_IMAGE_PIXELS, seed=None):
         self.rows = rows
         self.transform = transform
         self.prompt_ids = [prompts.id_of[r["text"]] for _, r in rows]
+        self.max_pixels = max_pixels
+        self.seed, self.epoch = seed, 0
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
         root, r = self.rows[i]
-        path = root / r["img_path"]
-        try:
-            with Image.open(path) as im:
-                image = self.transform(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as e:
-            raise UserError(f"cannot read image {path}: {e}. Replace or delete the file "
-                            f"(python -m data.check lists every bad file).") from None
+        image = open_image(root / r["img_path"], self.max_pixels)
+        if self.seed is None:
+            image = self.transform(image)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, self.epoch, i))
+                image = self.transform(image)
         return image, self.prompt_ids[i], r["m1"], r["m2"], r["label"], i
 
 

@@ -5,37 +5,49 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from data.datasets import COLUMNS, output_key
+from data.datasets import COLUMNS, match_key, output_key
 from data.index import make_splits
 from model.backbone import build_model
 from model.checkpoint import load_checkpoint
 from model.embed import embed_rows
 from utils.distributed import all_gather_cat, cleanup_distributed, init_distributed
 from utils.io import save_csv, save_json, save_torch
+from utils.config import prepare
+from utils.run_folder import find_run
 from utils.runtime import UserError, log, setup_logging
 
 INDEX_COLUMNS = COLUMNS + ["split"]
-
-
-def run_config(run_dir):
-    """The training config saved in a run folder."""
-    run_dir = Path(run_dir)
-    for candidate in (run_dir / "config.yaml", run_dir / ".hydra" / "config.yaml"):
-        if candidate.is_file():
-            return OmegaConf.load(candidate)
-    raise UserError(f"{run_dir} holds no config.yaml (or .hydra/config.yaml): is it a run folder "
-                    f"written by train.py? Pass path=outputs/<date>/<time>.")
 
 
 def test_dataset_config(train_cfg, cfg):
     """The run's dataset config, with the test dataset / root overrides of infer."""
     dcfg = OmegaConf.create(OmegaConf.to_container(train_cfg.dataset, resolve=True))
     over = cfg.get("dataset") or {}
-    if over.get("test_idx") is not None:
-        dcfg.test_idx = over.test_idx
-    if over.get("root") is not None:
-        dcfg.root = over.root
+    for key in ("test_idx", "root", "max_image_pixels"):
+        if over.get(key) is not None:
+            dcfg[key] = over[key]
     return dcfg
+
+
+def class_overlap(train_cfg, classes):
+    """Test classes that the run trained or validated on (its config records them)."""
+    record = train_cfg.get("run") or {}
+    trained = {match_key(c) for c in list(record.get("train_classes") or []) + list(record.get("val_classes") or [])}
+    return sorted(c for c in classes if match_key(c) in trained)
+
+
+def check_zero_shot(train_cfg, classes, allow, where):
+    """Refuse test classes the run trained on, or (allow_class_overlap=true) name them."""
+    if not (train_cfg.get("run") or {}).get("train_classes"):
+        log.warning(f"{where}: the run records no training classes (trained by an older version); "
+                    f"the zero-shot split is not checked.")
+        return []
+    overlap = class_overlap(train_cfg, classes)
+    if overlap and not allow:
+        raise UserError(f"{where}: test class(es) {overlap} were training classes of this run, so the "
+                        f"scores would not be zero-shot. Fix the split (unseen.txt / dataset.split), or "
+                        f"pass allow_class_overlap=true to score them anyway (labelled in the results).")
+    return overlap
 
 
 def gather_shards(emb, n, info, device):
@@ -49,18 +61,20 @@ def gather_shards(emb, n, info, device):
     return out
 
 
-def infer(cfg):
+def infer(cfg, given=()):
+    cfg = prepare(cfg, "infer", given)
     setup_logging()
-    run_dir = Path(cfg.path)
-    if not run_dir.is_dir():
-        raise UserError(f"run folder {run_dir} does not exist; pass path=<the folder train.py wrote>.")
-    ckpt = load_checkpoint(run_dir / "model" / f"{cfg.mode}.pth")
+    run = find_run(cfg.path)
+    ckpt = load_checkpoint(run.checkpoint(cfg.mode))
     train_cfg = OmegaConf.create(ckpt["config"])
     dcfg = test_dataset_config(train_cfg, cfg)
     splits = make_splits(dcfg, need_train=False)
+    overlap = check_zero_shot(train_cfg, splits.test_index.unseen, cfg.allow_class_overlap,
+                              run.checkpoint(cfg.mode))
     rows = [dict(r, split="test") for _, r in splits.test]
     roots = [root for root, _ in splits.test]
-    if cfg.dataset.get("generalized"):
+    generalized = bool(cfg.dataset.generalized)
+    if generalized:
         ix = splits.test_index
         seen_photos = [r for r in ix.rows_of(ix.seen) if r["m1"] == 0]
         rows += [dict(r, split="seen") for r in seen_photos]
@@ -73,13 +87,13 @@ def infer(cfg):
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise UserError(f"{run_dir / 'model' / (cfg.mode + '.pth')} does not fit the model its config "
+        raise UserError(f"{run.checkpoint(cfg.mode)} does not fit the model its config "
                         f"describes (model.backbone={train_cfg.model.backbone}, model.n_mode="
                         f"{train_cfg.model.n_mode}): {str(e).splitlines()[0]} The file was changed or "
                         f"comes from another run; use that run's folder.") from None
     model.to(device)
     log.info(f"embedding {len(rows)} images of {splits.test_index.name} ({splits.test_index.root}) "
-             f"with {run_dir / 'model' / (cfg.mode + '.pth')} on {device}, {info.world_size} process(es)")
+             f"with {run.checkpoint(cfg.mode)} on {device}, {info.world_size} process(es)")
     pairs = list(zip(roots, rows))
     emb = embed_rows(model, pairs[info.rank::info.world_size], eval_tf, tokenizer, int(cfg.batch_size),
                      int(cfg.num_workers), device, cfg.precision, progress=info.is_main)
@@ -88,13 +102,14 @@ def infer(cfg):
         cleanup_distributed()
         if not info.is_main:
             return None
-    out = run_dir / "infer_output" / cfg.mode / output_key(dcfg.test_idx)
+    out = run.infer_output(cfg.mode, output_key(dcfg.test_idx), generalized)
     save_torch(torch.from_numpy(emb["img"]), out / "img_logits.pt")
     save_torch(torch.from_numpy(emb["txt"]), out / "txt_logits.pt")
     save_torch(torch.from_numpy(emb["converted"]), out / "converted_logits.pt")
     save_csv(rows, INDEX_COLUMNS, out / "index.csv")
+    selected_by = ckpt.get("selected_by") or (train_cfg.get("run") or {}).get("select")
     save_json(dict(dataset=splits.test_index.name, root=str(splits.test_index.root), mode=cfg.mode,
-                   checkpoint=str(run_dir / "model" / f"{cfg.mode}.pth"), epoch=ckpt.get("epoch"),
-                   generalized=bool(cfg.dataset.get("generalized"))), out / "infer_meta.json")
+                   checkpoint=str(run.checkpoint(cfg.mode)), epoch=ckpt.get("epoch"), selected_by=selected_by,
+                   generalized=generalized, classes_seen_in_training=overlap), out / "infer_meta.json")
     log.info(f"wrote {out}/{{img_logits,txt_logits,converted_logits}}.pt and index.csv")
     return out

@@ -1,153 +1,28 @@
 """train(cfg, run_dir): the training loop of the modality-aware model."""
-import itertools
 import math
 import os
-import random
-import shutil
-import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from data.check import check_structure
-from data.index import make_splits
+from data.index import make_splits, validation_problem
 from data.loader import PromptTable, SketchPhotoDataset, collate
+from data.sampler import ResumableSampler
 from model.backbone import build_model, loss_ratios
-from model.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from model.embed import embed_rows
-from retrieval.metrics import retrieval_metrics, summarize
-from utils.distributed import GatherFeatures, all_gather_cat, cleanup_distributed, init_distributed
+from model.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from model.optim import build_optimizer
+from retrieval.validation import split_loss, validation_map
+from utils.config import prepare
+from utils.distributed import GatherFeatures, cleanup_distributed, init_distributed
 from utils.io import save_text
-from utils.runtime import UserError, amp_dtype, autocast, log, seed_everything, setup_logging
-
-
-class ResumableSampler(torch.utils.data.Sampler):
-    """A DistributedSampler (each rank its share of a seeded per-epoch permutation; one rank
-    when not distributed) that can start part-way through an epoch, for exact resume."""
-
-    def __init__(self, dataset, seed, rank=0, world=1):
-        self.base = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                       seed=seed, drop_last=world > 1)
-        self.start = 0
-
-    def set_epoch(self, epoch, start=0):
-        self.base.set_epoch(epoch)
-        self.start = start
-
-    def __iter__(self):
-        return itertools.islice(iter(self.base), self.start, None)
-
-    def __len__(self):
-        return len(self.base) - self.start
-
-
-def param_groups(model, lr, clip_lr, weight_decay):
-    """AdamW groups: backbone at clip_lr, mode vectors + discriminator + scale at lr;
-    no weight decay on gains, biases and the logit scale."""
-    groups = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        backbone = name.startswith("clip.")
-        decay = p.ndim >= 2 and "logit_scale" not in name
-        key = ("backbone" if backbone else "head", decay)
-        groups.setdefault(key, dict(params=[], lr=clip_lr if backbone else lr,
-                                    weight_decay=weight_decay if decay else 0.0,
-                                    name=f"{key[0]}{'' if decay else '_no_decay'}"))["params"].append(p)
-    return list(groups.values())
-
-
-def lr_lambda(warmup, total, schedule):
-    def f(step):
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "linear":
-            return max(0.0, (total - step) / max(1, total - warmup))
-        return 1.0
-    return f
-
-
-def rng_state():
-    return dict(python=list(random.getstate()[1]), python_pos=random.getstate()[2],
-                numpy=torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-                numpy_pos=int(np.random.get_state()[2]), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
-def set_rng_state(s):
-    random.setstate((3, tuple(s["python"]), s["python_pos"]))
-    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(s["torch"])
-    if torch.cuda.is_available() and s["cuda"]:
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-class StopRequested:
-    """SIGINT / SIGTERM set a flag; the loop saves last.pth at the next step and exits."""
-
-    def __init__(self):
-        self.signal = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def init_wandb(cfg, run_dir, run_id):
-    """wandb as configured; never fails a run for lack of network or login (falls back)."""
-    mode = cfg.logger.wandb.mode
-    if mode == "disabled":
-        return None
-    try:
-        import wandb
-    except ImportError:
-        log.warning("wandb is not installed; logging to train.log only.")
-        return None
-    kwargs = dict(project=cfg.logger.wandb.project, name=cfg.logger.wandb.get("name"),
-                  dir=str(run_dir), id=run_id, resume="allow",
-                  config=OmegaConf.to_container(cfg, resolve=True))
-    for try_mode in dict.fromkeys([mode, "offline"]):
-        try:
-            return wandb.init(mode=try_mode, settings=wandb.Settings(init_timeout=60), **kwargs)
-        except Exception as e:  # no network, no API key, service start failure
-            log.warning(f"wandb mode={try_mode} failed ({type(e).__name__}: {e}); "
-                        f"{'trying offline' if try_mode != 'offline' else 'logging to train.log only'}.")
-    return None
-
-
-def validate(model, rows, transform, tokenizer, cfg, device, info):
-    """mAP@all (default protocol) of sketch -> photo retrieval on the validation classes; each rank
-    embeds its share of the images, the embeddings are gathered and every rank gets the score."""
-    mine = rows[info.rank::info.world_size]
-    emb = embed_rows(model, mine, transform, tokenizer, batch_size=cfg.train.batch_size,
-                     num_workers=cfg.train.num_workers, device=device, precision=cfg.train.precision,
-                     progress=False, with_converted=False)
-    z = all_gather_cat(torch.from_numpy(emb["img"]).to(device)).cpu()
-    meta = torch.tensor([[r["m1"], r["label"]] for _, r in mine], dtype=torch.long, device=device)
-    meta = all_gather_cat(meta).cpu()
-    q, g = meta[:, 0] == 1, meta[:, 0] == 0
-    per_query, _ = retrieval_metrics(z[q], z[g], meta[q, 1], meta[g, 1],
-                                     chunk_size=cfg.eval.chunk_size, device=device, progress=False)
-    return summarize(per_query)["default/AP@all"]
+from utils.run_folder import RunFolder
+from utils.runtime import (StopRequested, UserError, amp_dtype, autocast, init_wandb, log, seed_everything,
+                           setup_logging)
 
 
 @dataclass
@@ -156,96 +31,125 @@ class Progress:
     epoch: int = 0            # completed epochs
     step: int = 0             # optimiser steps
     batch_in_epoch: int = 0   # batches of the current epoch already trained
-    best: float = -math.inf   # best validation mAP@all so far
+    best: float = -math.inf   # best selection score so far (higher is better)
     history: list = field(default_factory=list)
     wandb_id: str | None = None
+
+
+def choose_selection(select, splits):
+    """How best.pth is chosen: the configured train.select, with `auto` and a val_map that has
+    too little to go on resolved to `last` (said in the log)."""
+    problem = validation_problem(splits)
+    if select == "auto":
+        select = "val_map" if splits.val and problem is None else "last"
+    elif select == "val_map" and problem is not None:
+        log.warning(f"train.select=val_map: {problem}. best.pth falls back to the last epoch (train.select=last).")
+        select = "last"
+    if select == "test_loss":
+        log.warning("train.select=test_loss: best.pth is chosen on the TEST split's loss (the authors' "
+                    "protocol); its scores are not a clean zero-shot estimate, and eval_result.json says so.")
+    return select
 
 
 class Trainer:
     """Everything one training run holds: data, model, optimiser, counters and run folder."""
 
-    def __init__(self, cfg, run_dir):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.info = info = init_distributed(cfg.device)
-        setup_logging(self.run_dir / "train.log" if info.is_main else None)
+    def __init__(self, cfg, run, info):
+        self.cfg, self.run, self.info = cfg, run, info
+        setup_logging(run.track(run.log) if info.is_main else None)
         self.device = info.device(cfg.device)
         amp_dtype(cfg.train.precision)  # a wrong name fails here, before any work
-        resume = load_checkpoint(self.last_path) if cfg.get("resume") else None
-        if resume is not None:
-            check_compatible(resume["config"], cfg, self.last_path)
+        resume = self.load_resume() if cfg.get("resume") else None
         seed_everything(int(cfg.seed))
         self.splits = make_splits(cfg.dataset)
-        check_before_training(self.splits)
+        check_before_training(self.splits, int(cfg.model.n_mode))
+        self.select = choose_selection(cfg.train.select, self.splits)
+        cfg.run = dict(train_classes=list(self.splits.train_classes), val_classes=list(self.splits.val_classes),
+                       select=self.select)  # recorded in config.yaml and every checkpoint
         self.model, train_tf, self.eval_tf, self.tokenizer = build_model(cfg.model)
         self.model.to(self.device)
         self.ratios = loss_ratios(cfg.model)
         if sum(self.ratios.values()) <= 0:
             raise UserError("every model.*_loss_ratio is 0; set at least one above 0 (e.g. model.clip_loss_ratio=1).")
-        self.build_loader(train_tf if cfg.dataset.get("augment", True) else self.eval_tf)
-        self.build_optimizer()
+        self.build_loader(train_tf if cfg.dataset.augment else self.eval_tf)
+        self.optimizer, self.scheduler, self.accum = build_optimizer(self.model, cfg.train, len(self.loader))
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.device.type == "cuda" and cfg.train.precision == "fp16")
+        self.select_rows = self.test_loss_rows() if self.select == "test_loss" else []
         self.wrap_model()
         self.progress, self.skipped = Progress(), 0
         if resume is not None:
             self.load_state(resume)
         if info.is_main:
-            (self.run_dir / "model").mkdir(parents=True, exist_ok=True)
-            save_text(OmegaConf.to_yaml(cfg, resolve=True), self.run_dir / "config.yaml")
-            log.info(f"run folder {self.run_dir}; {len(self.loader.dataset)} training images of "
-                     f"{len(self.splits.train_classes)} classes, {len(self.splits.val)} validation images of "
-                     f"{len(self.splits.val_classes)} classes, device {self.device}, world size {info.world_size}")
-        self.wandb = init_wandb(cfg, self.run_dir, self.progress.wandb_id) if info.is_main else None
+            self.write_config()
+        self.wandb = init_wandb(cfg, run.path, self.progress.wandb_id) if info.is_main else None
         if self.wandb is not None:
             self.progress.wandb_id = self.wandb.id
 
-    @property
-    def last_path(self):
-        return self.run_dir / "model" / "last.pth"
+    def load_resume(self):
+        if not self.run.last.is_file():
+            raise UserError(f"cannot resume {self.run.path}: it has no model/last.pth (the run stopped before "
+                            f"its first checkpoint). Start a new run in a new folder; this one is left as it is.")
+        ckpt = load_checkpoint(self.run.last)
+        check_compatible(ckpt["config"], self.cfg, self.run.last)
+        return ckpt
+
+    def write_config(self):
+        """config.yaml (and .hydra/ of a new run): the settings, with what the run trains on."""
+        self.run.track(self.run.model_dir).mkdir(parents=True, exist_ok=True)
+        save_text(OmegaConf.to_yaml(self.cfg), self.run.track(self.run.config))
+        self.run.save_hydra_files(self.cfg)
+        log.info(f"run folder {self.run.path}; {len(self.loader.dataset)} training images of "
+                 f"{len(self.splits.train_classes)} classes, {len(self.splits.val)} validation images of "
+                 f"{len(self.splits.val_classes)} classes, best.pth by {self.select}, device {self.device}, "
+                 f"world size {self.info.world_size}")
 
     def build_loader(self, transform):
         cfg, info = self.cfg, self.info
         prompts = PromptTable(self.splits.train, self.tokenizer)
         self.tokens = prompts.tokens.to(self.device)
-        dataset = SketchPhotoDataset(self.splits.train, transform, prompts)
-        self.sampler = ResumableSampler(dataset, int(cfg.seed), info.rank, info.world_size)
+        self.dataset = SketchPhotoDataset(self.splits.train, transform, prompts,
+                                          int(cfg.dataset.max_image_pixels), seed=int(cfg.seed))
+        self.sampler = ResumableSampler(self.dataset, int(cfg.seed), info.rank, info.world_size,
+                                        shuffle=bool(cfg.train.shuffle))
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_size=int(cfg.train.batch_size), sampler=self.sampler,
+            self.dataset, batch_size=int(cfg.train.batch_size), sampler=self.sampler,
             num_workers=min(int(cfg.train.num_workers), os.cpu_count() or 1), collate_fn=collate,
-            drop_last=info.enabled, pin_memory=self.device.type == "cuda")
+            drop_last=info.enabled, pin_memory=bool(cfg.train.pin_memory) and self.device.type == "cuda")
         if len(self.loader) == 0:
-            raise UserError(f"the training split has {len(dataset)} images, fewer than one batch per "
+            raise UserError(f"the training split has {len(self.dataset)} images, fewer than one batch per "
                             f"rank; lower train.batch_size.")
 
-    def build_optimizer(self):
-        tcfg = self.cfg.train
-        self.accum = max(1, int(tcfg.accum_steps))
-        total_steps = math.ceil(len(self.loader) / self.accum) * int(tcfg.epochs)
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, float(tcfg.lr), float(tcfg.clip_lr), float(tcfg.weight_decay)),
-            betas=(0.9, 0.98), eps=1e-6)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(int(tcfg.warmup_steps), total_steps, tcfg.schedule))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and tcfg.precision == "fp16")
+    def test_loss_rows(self):
+        dcfg = self.cfg.dataset
+        valid = dcfg.get("valid_idx")
+        if valid is None or str(valid) == str(dcfg.test_idx):
+            rows = self.splits.test
+        else:
+            rows = make_splits(OmegaConf.merge(dcfg, {"test_idx": valid}), need_train=False).test
+        from data.index import partial
+        return partial(rows, float(dcfg.valid_partial_ratio), int(dcfg.split_seed))
 
     def wrap_model(self):
         """DDP (with the all-ranks feature gather of the contrastive loss) and torch.compile."""
         self.net, self.gather = self.model, None
         if self.info.enabled:
-            if self.cfg.train.get("gather_with_grad", True):
+            if self.cfg.train.gather_with_grad:
                 self.gather = GatherFeatures(self.info)
             r = self.ratios
             unused = r["disc"] == 0 or r["clip"] == 0 or not any(r[k] > 0 for k in ("sem", "rec", "disc", "orth"))
             self.net = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=unused)
-        if self.cfg.train.get("compile", False):
+        if self.cfg.train.compile:
             self.net = torch.compile(self.net)
 
-    def state(self, batch_in_epoch):
+    def checkpoint_state(self, batch_in_epoch):
         p = self.progress
         return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                     scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
                     epoch=p.epoch, step=p.step, batch_in_epoch=batch_in_epoch, best=p.best,
-                    history=p.history, rng=rng_state(), wandb_id=p.wandb_id,
+                    history=p.history, rng=rng_state(), wandb_id=p.wandb_id, selected_by=self.select,
                     config=OmegaConf.to_container(self.cfg, resolve=True))
 
     def load_state(self, ckpt):
@@ -256,7 +160,7 @@ class Trainer:
         self.progress = Progress(ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"], ckpt["best"],
                                  list(ckpt["history"]), ckpt.get("wandb_id"))
         set_rng_state(ckpt["rng"])
-        log.info(f"resumed from {self.last_path} at epoch {self.progress.epoch}, step {self.progress.step}")
+        log.info(f"resumed from {self.run.last} at epoch {self.progress.epoch}, step {self.progress.step}")
 
     def fit(self):
         with StopRequested() as stop:
@@ -266,15 +170,16 @@ class Trainer:
         if self.wandb is not None:
             self.wandb.finish()
         if self.info.is_main:
-            log.info(f"training finished: {self.run_dir / 'model'}")
+            log.info(f"training finished: {self.run.model_dir}")
         cleanup_distributed()
         p = self.progress
-        return dict(run_dir=str(self.run_dir), best=p.best, history=p.history)
+        return dict(run_dir=str(self.run.path), best=p.best, history=p.history, select=self.select)
 
     def train_epoch(self, stop):
         cfg, p = self.cfg, self.progress
         self.model.train()
         first = p.batch_in_epoch
+        self.dataset.epoch = p.epoch
         self.sampler.set_epoch(p.epoch, start=first * int(cfg.train.batch_size))
         self.running, self.epoch_start = math.nan, time.time()
         bar = tqdm(self.loader, desc=f"epoch {p.epoch + 1}/{cfg.train.epochs}", disable=not self.info.is_main,
@@ -288,9 +193,9 @@ class Trainer:
                     self.log_step(losses, i + 1)
             if stop.signal is not None:
                 if self.info.is_main:
-                    save_checkpoint(self.state(i + 1), self.last_path)
+                    self.save(self.checkpoint_state(i + 1), self.run.last)
                     log.info(f"signal {stop.signal} received: saved last.pth at epoch {p.epoch + 1}, "
-                             f"step {p.step}; resume with `python train.py resume={self.run_dir}`")
+                             f"step {p.step}; resume with `python train.py resume={self.run.path}`")
                 raise SystemExit(128 + stop.signal)
         bar.close()
 
@@ -310,7 +215,7 @@ class Trainer:
             if cfg.train.on_nonfinite != "skip":
                 raise UserError(
                     f"non-finite loss at epoch {p.epoch + 1}, step {p.step}: total={total.item()}, {terms}. "
-                    f"The last good checkpoint is {self.last_path}. Lower train.lr / train.clip_lr, use "
+                    f"The last good checkpoint is {self.run.last}. Lower train.lr / train.clip_lr, use "
                     f"train.precision=fp32, or set train.on_nonfinite=skip.")
             self.skipped += 1
             log.warning(f"non-finite loss at step {p.step} ({terms}); batch skipped ({self.skipped} so far)")
@@ -318,7 +223,7 @@ class Trainer:
             return None
         self.scaler.scale(total / self.accum).backward()
         if boundary:
-            if float(cfg.train.get("grad_clip", 0) or 0) > 0:
+            if float(cfg.train.grad_clip) > 0:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), float(cfg.train.grad_clip))
             self.scaler.step(self.optimizer)
@@ -336,74 +241,106 @@ class Trainer:
             return
         if p.step % int(tcfg.log_every) == 0:
             metrics = {f"loss/{k}": v.item() for k, v in losses.items()}
-            lrs = self.scheduler.get_last_lr()
-            metrics.update({"lr": lrs[-1], "lr/clip": lrs[0], "epoch": p.epoch})
+            metrics.update({f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups})
+            metrics["epoch"] = p.epoch
             log.info(f"epoch {p.epoch + 1} step {p.step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
             if self.wandb is not None:
                 self.wandb.log(metrics, step=p.step)
-        save_every = int(tcfg.get("save_every_steps", 0) or 0)
-        if save_every and p.step % save_every == 0:
-            save_checkpoint(self.state(batch_in_epoch), self.last_path)
+        if tcfg.save_every_steps and p.step % int(tcfg.save_every_steps) == 0:
+            self.save(self.checkpoint_state(batch_in_epoch), self.run.last)
+
+    def selection_score(self):
+        """(score to maximise, what it is) for best.pth, or (None, None) when not due."""
+        p, tcfg = self.progress, self.cfg.train
+        if p.epoch % int(tcfg.eval_every) and p.epoch != int(tcfg.epochs):
+            return None, None
+        if self.select == "val_map" or (self.splits.val and self.select == "last"):
+            score = validation_map(self.model, self.splits.val, self.eval_tf, self.tokenizer, self.cfg,
+                                   self.device, self.info)
+            return score, f"validation mAP@all {score:.4f}"
+        if self.select == "test_loss" and self.info.is_main:
+            loss = split_loss(self.model, self.select_rows, self.eval_tf, self.tokenizer, self.ratios,
+                              self.cfg, self.device)
+            return -loss, f"test-split loss {loss:.4f}"
+        return None, None
 
     def end_epoch(self):
-        """Validate, record, and write last.pth (and best.pth when validation improved)."""
+        """Score, record, and write last.pth (and best.pth when the selection says so)."""
         p = self.progress
         p.epoch, p.batch_in_epoch = p.epoch + 1, 0
-        score = None
-        if self.splits.val:
-            score = validate(self.model, self.splits.val, self.eval_tf, self.tokenizer, self.cfg, self.device, self.info)
+        score, what = self.selection_score()
         seconds = time.time() - self.epoch_start
-        p.history.append(dict(epoch=p.epoch, step=p.step, val_map=score, loss=self.running, seconds=seconds))
+        p.history.append(dict(epoch=p.epoch, step=p.step, score=score, loss=self.running, seconds=seconds))
         if self.info.is_main:
-            improved = score is None or score > p.best
-            if improved and score is not None:
+            if self.select == "last":
+                improved = True
+            else:
+                improved = score is not None and score >= p.best
+            if improved and score is not None and self.select != "last":
                 p.best = score
             log.info(f"epoch {p.epoch} done in {seconds:.1f}s: loss {self.running:.4f}"
-                     + (f", validation mAP@all {score:.4f} (best {p.best:.4f})" if score is not None else ""))
+                     + (f", {what}" if what else "") + (f"; best.pth <- epoch {p.epoch} ({self.select})" if improved else ""))
             if self.wandb is not None and score is not None:
-                self.wandb.log({"val/mAP@all": score}, step=p.step)
-            ckpt = self.state(0)
-            save_checkpoint(ckpt, self.last_path)
+                self.wandb.log({"select/score": score}, step=p.step)
+            ckpt = self.checkpoint_state(0)
+            self.save(ckpt, self.run.last)
             if improved:  # weights for inference only
-                save_checkpoint({k: ckpt[k] for k in ("model", "config", "epoch", "step", "best")},
-                                self.run_dir / "model" / "best.pth")
+                self.save({k: ckpt[k] for k in ("model", "config", "epoch", "step", "best", "selected_by")},
+                          self.run.best)
         if self.info.enabled:
             torch.distributed.barrier()
 
+    def save(self, state, path):
+        try:
+            save_checkpoint(state, path)
+        except UserError as e:
+            other = [p for p in (self.run.last, self.run.best) if p != path and p.is_file()]
+            raise UserError(f"{e}" + (f" {other[0]} is intact too." if other else "")) from None
 
-def check_before_training(splits):
-    """The cheap part of data.check; its errors stop the run before it starts."""
+
+def check_before_training(splits, n_mode):
+    """The cheap part of data.check, and the modes the data uses against model.n_mode."""
     report = check_structure(splits)
     for w in report.warnings[:20]:
         log.warning(w)
     if report.errors:
         raise UserError("the dataset check found problems:\n  " + "\n  ".join(report.errors)
                         + "\nFix them (python -m data.check lists everything) and start again.")
+    used = max(max(r["m1"], r["m2"]) for _, r in splits.train + splits.val + splits.test)
+    if used >= n_mode:
+        raise UserError(f"model.n_mode={n_mode}, but the data uses mode {used} (0 photo, 1 sketch, 3 text): "
+                        f"n_mode must be at least {used + 1}.")
 
 
-def train(cfg, run_dir):
-    """Train the modality-aware model into `run_dir` (resuming when cfg.resume is set)."""
-    return Trainer(cfg, run_dir).fit()
+def train(cfg, run_dir, given=()):
+    """Train the modality-aware model into `run_dir` (resuming when cfg.resume is set). `given`:
+    the command-line overrides (an alias and its key given with different values is an error)."""
+    cfg = prepare(cfg, "train", given)
+    info = init_distributed(cfg.device)
+    run = RunFolder(run_dir)
+    if info.is_main:
+        run.claim(resume=bool(cfg.get("resume")))
+    try:
+        return Trainer(cfg, run, info).fit()
+    except BaseException:
+        if info.is_main and not run.has_checkpoint():
+            setup_logging(None)  # release train.log
+            run.discard_failed_start()
+        raise
+    finally:
+        run.release()
 
 
 def resume_config(run_dir, overrides=()):
     """The config saved in `run_dir`, with command-line overrides (other than resume=) applied."""
-    run_dir = Path(run_dir)
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        raise UserError(f"cannot resume: {saved} does not exist. Pass resume=<a run folder written by train.py>.")
-    cfg = OmegaConf.load(saved)
+    run = RunFolder(run_dir)
+    if not run.path.is_dir():
+        raise UserError(f"cannot resume {run.path}: no such folder. Pass resume=<a run folder written by train.py>.")
+    if not run.config.is_file():
+        raise UserError(f"cannot resume: {run.config} does not exist. Pass resume=<a run folder written by train.py>.")
+    cfg = OmegaConf.load(run.config)
     extra = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith("resume")]
     if extra:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in extra]))
-    cfg.resume = str(run_dir)
+    cfg.resume = str(run.path)
     return cfg
-
-
-def discard_unfinished_run(run_dir):
-    """Remove a run folder that holds no checkpoint (a run that failed before its first save,
-    or Hydra's fresh folder of a resumed run): a failed start leaves no partial output."""
-    run_dir = Path(run_dir)
-    if run_dir.is_dir() and not any((run_dir / "model").glob("*.pth")):
-        setup_logging(None)  # release train.log
-        shutil.rmtree(run_dir, ignore_errors=True)

@@ -8,10 +8,13 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from data.datasets import PHOTO, output_key
+from data.datasets import PHOTO, SKETCH, output_key
+from model.inference import check_zero_shot
 from retrieval.metrics import per_class, retrieval_metrics, summarize
 from retrieval.report import write_report
 from utils.io import load_torch, save_json
+from utils.config import prepare
+from utils.run_folder import find_run
 from utils.runtime import UserError, log, pick_device, setup_logging
 
 LOGIT_FILES = ("img_logits.pt", "txt_logits.pt", "converted_logits.pt")
@@ -19,26 +22,47 @@ QUERY_KINDS = ("original", "converted")
 
 
 def find_output_folder(cfg):
-    """infer_output/<mode>/<dataset> of the run: from dataset.test_idx, the run's config, or the
-    only dataset folder there."""
-    base = Path(cfg.path) / "infer_output" / cfg.mode
+    """infer_output/<mode>/<dataset>[-gzs] of the run: from dataset.test_idx, the run's config, or
+    the only dataset folder there."""
+    run = find_run(cfg.path)
+    generalized = bool(cfg.eval.generalized)
+    base = run.path / "infer_output" / cfg.mode
     test_idx = cfg.get("dataset", {}).get("test_idx")
-    if test_idx is None:
-        saved = Path(cfg.path) / "config.yaml"
-        if saved.is_file():
-            test_idx = OmegaConf.load(saved).dataset.test_idx
+    if test_idx is None and run.config.is_file():
+        test_idx = OmegaConf.load(run.config).dataset.test_idx
     if test_idx is not None:
-        folder = base / output_key(test_idx)
+        folder = run.infer_output(cfg.mode, output_key(test_idx), generalized)
     else:
-        found = sorted(p for p in base.glob("*") if p.is_dir()) if base.is_dir() else []
-        if len(found) != 1:
+        found = sorted(p for p in base.glob("*") if p.is_dir() and p.name.endswith("-gzs") == generalized) \
+            if base.is_dir() else []
+        folder = found[0] if len(found) == 1 else base / f"<dataset>{'-gzs' if generalized else ''}"
+        if len(found) > 1:
             raise UserError(f"{base} holds {len(found)} dataset folders {[p.name for p in found]}; "
                             f"choose one with dataset.test_idx=<index or name>.")
-        folder = found[0]
     if not folder.is_dir():
+        extra = " dataset.generalized=true" if generalized else ""
         raise UserError(f"no inference output {folder}; run `python infer.py path={cfg.path} "
-                        f"mode={cfg.mode}` first.")
-    return folder
+                        f"mode={cfg.mode}{extra}` first.")
+    return run, folder
+
+
+def read_index(path):
+    """index.csv rows with their columns and values checked: m1 0 or 1, integer m2 and label."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"img_path", "m1", "m2", "label"} - set(reader.fieldnames or [])
+        if missing:
+            raise UserError(f"{path}: missing column(s) {sorted(missing)}; re-run infer.py for this run.")
+        rows = list(reader)
+    for i, r in enumerate(rows, start=2):
+        try:
+            r["m1"], r["m2"], r["label"] = int(r["m1"]), int(r["m2"]), int(r["label"])
+        except (TypeError, ValueError):
+            raise UserError(f"{path} line {i}: m1, m2 and label must be integers, got {r['m1']!r}, "
+                            f"{r['m2']!r}, {r['label']!r}. The file was edited or cut; re-run infer.py.") from None
+        if r["m1"] not in (PHOTO, SKETCH):
+            raise UserError(f"{path} line {i}: m1={r['m1']} is no image mode (0 photo, 1 sketch); re-run infer.py.")
+    return rows
 
 
 def load_outputs(folder):
@@ -46,8 +70,15 @@ def load_outputs(folder):
     if missing:
         raise UserError(f"{folder} lacks {missing}; re-run infer.py for this run and mode.")
     tensors = {f: load_torch(folder / f) for f in LOGIT_FILES}
-    with open(folder / "index.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_index(folder / "index.csv")
+    img, txt, conv = (tensors[f] for f in LOGIT_FILES)
+    shapes_ok = all(isinstance(t, torch.Tensor) for t in (img, txt, conv)) and img.ndim == 2 and \
+        txt.ndim == 2 and txt.shape[1] == img.shape[1] and conv.ndim == 4 and conv.shape[1] == 2 and conv.shape[3] == img.shape[1] \
+        and conv.shape[2] > PHOTO
+    if not shapes_ok:
+        show = {f: tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for f, t in tensors.items()}
+        raise UserError(f"{folder}: the embeddings have shapes {show}; expected [N,d], [N,d] and "
+                        f"[N,2,n_mode,d]. The files come from different runs or were edited; re-run infer.py.")
     n = {f: t.shape[0] for f, t in tensors.items()}
     if len(set(n.values())) != 1 or len(rows) not in n.values():
         raise UserError(f"{folder}: index.csv has {len(rows)} rows but the logits have {n} rows; "
@@ -62,13 +93,27 @@ def load_outputs(folder):
     return tensors, rows
 
 
-def evaluate(cfg):
+def provenance(run, folder, rows, q, allow):
+    """What was scored: the inference's record, and whether the split is zero-shot for the run."""
+    meta = json.loads((folder / "infer_meta.json").read_text()) if (folder / "infer_meta.json").is_file() else {}
+    classes = sorted({Path(rows[i]["img_path"]).parent.name for i in np.flatnonzero(q)})
+    overlap = []
+    if run.config.is_file():
+        overlap = check_zero_shot(OmegaConf.load(run.config), classes, allow, folder)
+    overlap = sorted(set(overlap) | set(meta.get("classes_seen_in_training") or []))
+    return dict(inference=dict(folder=str(folder), **meta), zero_shot=not overlap,
+                classes_seen_in_training=overlap,
+                checkpoint_chosen_on_test_data=meta.get("selected_by") == "test_loss")
+
+
+def evaluate(cfg, given=()):
+    cfg = prepare(cfg, "eval", given)
     setup_logging()
-    folder = find_output_folder(cfg)
+    run, folder = find_output_folder(cfg)
     tensors, rows = load_outputs(folder)
     ecfg = cfg.eval
-    m1 = np.array([int(r["m1"]) for r in rows])
-    labels = np.array([int(r["label"]) for r in rows])
+    m1 = np.array([r["m1"] for r in rows])
+    labels = np.array([r["label"] for r in rows])
     split = np.array([r.get("split") or "test" for r in rows])
     q = (m1 != PHOTO) & (split == "test")
     g = (m1 == PHOTO) & ((split == "test") | (bool(ecfg.generalized) & (split == "seen")))
@@ -77,6 +122,7 @@ def evaluate(cfg):
                         f"`python infer.py path={cfg.path} mode={cfg.mode} dataset.generalized=true`.")
     if not q.any() or not g.any():
         raise UserError(f"{folder} has {q.sum()} sketch queries and {g.sum()} photos; both must be > 0.")
+    record = provenance(run, folder, rows, q, bool(cfg.allow_class_overlap))
     img = tensors["img_logits.pt"].float()
     queries = {"original": img[q], "converted": tensors["converted_logits.pt"][q][:, 0, PHOTO].float()}
     device = pick_device(ecfg.device)
@@ -105,6 +151,12 @@ def evaluate(cfg):
     q_paths, g_paths = paths[q], paths[g]
     out["top10_retrieved"] = {qp: {k: g_paths[tops[k][i]].tolist() for k in QUERY_KINDS}
                               for i, qp in enumerate(q_paths)}
+    out.update(record)
+    undefined = [k for k in ("mAP@all", "mAP@200", "p@100", "p@200") if not all(map(math.isfinite, out[k]))]
+    if undefined:
+        raise UserError(f"{folder}: {undefined} are undefined: no sketch query has a relevant photo in the "
+                        f"gallery (labels of sketches and photos never match). Check index.csv's labels; "
+                        f"nothing was written.")
     save_json(_nan_to_none(out), folder / "eval_result.json")
     print(format_table(out, folder / "eval_result.json"))
     rcfg = ecfg.get("report", {})

@@ -5,7 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from model.backbone import build_model, create_backbone
-from model.trainer import param_groups
+from model.optim import param_groups
 from utils.runtime import UserError
 
 
@@ -60,4 +60,5 @@ def test_clip_lr_reaches_only_the_backbone():
     assert not model.clip.logit_scale.requires_grad  # open_clip's unused scale stays out of training
     head = {id(model.modes.weight), id(model.disc.weight), id(model.disc.bias), id(model.logit_scale)}
     assert head <= {id(p) for g in groups if g["lr"] == 1e-3 for p in g["params"]}
-    assert all(g["weight_decay"] == 0.0 for g in groups if any(p.ndim < 2 for p in g["params"]))
+    assert all(g["weight_decay"] == 0.1 for g in groups)  # the authors decay every parameter
+    assert [g["name"] for g in groups] == ["clip", "head"]

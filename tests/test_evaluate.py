@@ -83,10 +83,14 @@ def test_missing_folder_says_to_run_infer(tmp_path):
 
 
 def test_generalized_gallery_adds_seen_photos(tmp_path):
-    out, rows, img = fake_output(tmp_path, seen_photos=5)
+    """GZS-SBIR outputs live in <dataset>-gzs/ beside the zero-shot ones; neither replaces the other."""
+    fake_output(tmp_path, seed=1)
+    out, rows, img = fake_output(tmp_path, seen_photos=5, key="2-gzs")
     zs = evaluate(eval_cfg(tmp_path))
     gz = evaluate(eval_cfg(tmp_path, "eval.generalized=true"))
     assert zs["n_gallery"] == 12 and gz["n_gallery"] == 17 and gz["generalized"]
+    assert zs["inference"]["folder"].endswith("best/2") and gz["inference"]["folder"].endswith("best/2-gzs")
+    assert json.loads((tmp_path / "infer_output/best/2/eval_result.json").read_text())["n_gallery"] == 12
     m1 = np.array([r["m1"] for r in rows])
     labels = np.array([r["label"] for r in rows])
     q = m1 == 1
@@ -96,5 +100,8 @@ def test_generalized_gallery_adds_seen_photos(tmp_path):
 
 def test_generalized_without_seen_photos_says_how(tmp_path):
     fake_output(tmp_path)
+    with pytest.raises(UserError, match="dataset.generalized=true"):
+        evaluate(eval_cfg(tmp_path, "eval.generalized=true"))
+    fake_output(tmp_path, key="2-gzs")
     with pytest.raises(UserError, match="dataset.generalized=true"):
         evaluate(eval_cfg(tmp_path, "eval.generalized=true"))

@@ -5,8 +5,9 @@ import sys
 import pytest
 import torch
 
-from model import trainer
-from model.trainer import lr_lambda, train
+from utils import runtime
+from model.optim import lr_lambda
+from model.trainer import train
 
 
 def test_gradient_accumulation_takes_one_step_per_accum_batches(tmp_path, tiny_train_cfg):
@@ -41,7 +42,7 @@ def test_wandb_falls_back_instead_of_failing(tmp_path, tiny_train_cfg, monkeypat
         raise wandb.errors.CommError("network unreachable")
     monkeypatch.setattr(wandb, "init", no_network)
     cfg = tiny_train_cfg("logger.wandb.mode=online")
-    assert trainer.init_wandb(cfg, tmp_path, None) is None
+    assert runtime.init_wandb(cfg, tmp_path, None) is None
     assert modes == ["online", "offline"]
 
 
@@ -49,7 +50,7 @@ def test_missing_wandb_logs_to_train_log_only(tmp_path, tiny_train_cfg, monkeypa
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` raise ImportError
     cfg = tiny_train_cfg("logger.wandb.mode=offline")
     with caplog.at_level(logging.WARNING):
-        assert trainer.init_wandb(cfg, tmp_path, None) is None
+        assert runtime.init_wandb(cfg, tmp_path, None) is None
     assert "wandb is not installed" in caplog.text
 
 

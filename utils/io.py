@@ -1,10 +1,12 @@
 """Atomic file writes and safe checkpoint loading: a crash never leaves a half-written file."""
 import csv
+import errno
 import io
 import json
 import os
 import pickle
 import tempfile
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,10 +17,12 @@ from utils.runtime import UserError
 
 @contextmanager
 def atomic_path(path):
-    """Yield a temporary path in the target's folder; on success rename it over `path`."""
+    """Yield a temporary path in the target's folder; on success rename it over `path`. Stale
+    temporary files of an earlier, interrupted save of the same file are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -26,9 +30,33 @@ def atomic_path(path):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual permissions
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise UserError(f"no space left on the device while writing {path}; nothing was replaced: "
+                            f"{'the previous ' + path.name + ' is intact' if path.exists() else 'no file was written'}. "
+                            f"Free some space (df -h {path.parent}) and run again (train.py resume=<run>).") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_stale_temporaries(path):
+    """Delete `.name.<pid>.*.tmp` files beside `path` whose writing process is gone."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        parts = tmp.name[len(path.name) + 2:].split(".")
+        if parts and parts[0].isdigit() and not _alive(int(parts[0])):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _umask():
@@ -69,11 +97,24 @@ def load_torch(path, map_location="cpu"):
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file. Check the run folder (path=...) and the checkpoint mode (best or last).")
+    if not zipfile.is_zipfile(path) and path.open("rb").read(1) != b"\x80":  # neither format of torch.save
+        raise damaged(path, ValueError("not a PyTorch file"))
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise damaged(path, e) from None
         raise UnsafeCheckpointError(
             f"{path}: refused to load. The file holds Python objects other than tensors, numbers, "
             f"strings and plain containers, so loading it could run code. Only load checkpoints you "
             f"trust, and re-save them as a state dict. (torch said: {str(e).splitlines()[0]})"
         ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise damaged(path, e) from None
+
+
+def damaged(path, err):
+    first = (str(err).splitlines() or [type(err).__name__])[0][:200]
+    return UserError(f"{path} is damaged or truncated and cannot be read ({first}). It was not written "
+                     f"by a finished save of this project, or was cut when copied; copy it again or use "
+                     f"another file.")

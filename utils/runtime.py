@@ -2,6 +2,7 @@
 import logging
 import os
 import random
+import signal
 import sys
 from contextlib import nullcontext
 
@@ -72,10 +73,65 @@ class UserError(Exception):
     """An error caused by input (config, data, files): printed as one paragraph, exit code 1."""
 
 
+def user_message(err):
+    """The message of a UserError, also when a DataLoader worker raised it: torch re-raises it in
+    the main process wrapped in the worker's traceback, whose last line is the message."""
+    text = str(err)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        text = text.rsplit("UserError: ", 1)[-1].strip()
+    return text
+
+
 def run_cli(fn, *args):
     """Run an entry point's function; a UserError prints one readable message and exits 1."""
     try:
         return fn(*args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         sys.exit(1)
+
+
+class StopRequested:
+    """SIGINT / SIGTERM set a flag; the training loop saves last.pth at the next step and exits."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def init_wandb(cfg, run_dir, run_id):
+    """wandb as configured; never fails a run for lack of network or login (falls back)."""
+    from omegaconf import OmegaConf
+    mode = cfg.logger.wandb.mode
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        log.warning("wandb is not installed; logging to train.log only.")
+        return None
+    kwargs = dict(project=cfg.logger.wandb.project, name=cfg.logger.wandb.get("name"),
+                  dir=str(run_dir), id=run_id, resume="allow",
+                  config=OmegaConf.to_container(cfg, resolve=True))
+    for try_mode in dict.fromkeys([mode, "offline"]):
+        try:
+            return wandb.init(mode=try_mode, settings=wandb.Settings(init_timeout=60), **kwargs)
+        except Exception as e:  # no network, no API key, service start failure
+            log.warning(f"wandb mode={try_mode} failed ({type(e).__name__}: {e}); "
+                        f"{'trying offline' if try_mode != 'offline' else 'logging to train.log only'}.")
+    return None

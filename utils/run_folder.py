@@ -1,0 +1,176 @@
+"""RunFolder: every path of a training run, who owns it (a marker plus an exclusive lock), and
+the clean-up of a failed start that removes only what this process wrote."""
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from utils.runtime import UserError
+
+MARKER = ".ma-sbir-run"
+STARTED = time.time()  # this process's start (the module is imported before Hydra makes folders)
+
+
+def _holder_text(f):
+    f.seek(0)
+    try:
+        h = json.loads(f.read() or "{}")
+    except ValueError:
+        return "another process"
+    return f"process {h.get('pid')} on {h.get('host')} (started {h.get('started')}: {h.get('command')})"
+
+
+class RunFolder:
+    """A run folder: `outputs/<date>/<time>/` with config.yaml, train.log, model/{best,last}.pth,
+    infer_output/<mode>/<dataset>/. Writing into it needs `claim()`; reading does not."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.created = []      # files and folders this process made, in creation order
+        self.made_here = False
+        self._lock = None
+
+    config = property(lambda self: self.path / "config.yaml")
+    log = property(lambda self: self.path / "train.log")
+    model_dir = property(lambda self: self.path / "model")
+    last = property(lambda self: self.path / "model" / "last.pth")
+    best = property(lambda self: self.path / "model" / "best.pth")
+    marker = property(lambda self: self.path / MARKER)
+
+    def checkpoint(self, mode):
+        return self.model_dir / f"{mode}.pth"
+
+    def infer_output(self, mode, key, generalized=False):
+        return self.path / "infer_output" / mode / (f"{key}-gzs" if generalized else str(key))
+
+    def is_run(self):
+        """A folder of this project: the marker, or (runs of earlier versions) config.yaml + model/."""
+        return self.marker.is_file() or (self.config.is_file() and self.model_dir.is_dir())
+
+    def has_checkpoint(self):
+        return any(self.model_dir.glob("*.pth")) if self.model_dir.is_dir() else False
+
+    def foreign_entries(self):
+        """What the folder holds that no run of this project wrote."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if p.name != MARKER)
+
+    def claim(self, resume=False):
+        """Make this process the folder's only writer. A new run needs a new or empty folder
+        (a fresh Hydra folder); resume needs a run folder of this project."""
+        if self.path.exists() and not self.path.is_dir():
+            raise UserError(f"run folder {self.path} is a file; choose a folder (hydra.run.dir=...).")
+        if not resume and not self.is_run() and self.foreign_entries():
+            shown = ", ".join(self.foreign_entries()[:5])
+            raise UserError(
+                f"{self.path} is not empty ({shown}, ...) and is not a ma-sbir run folder; a new run "
+                f"never writes into a folder it did not create. Choose a new or empty folder "
+                f"(hydra.run.dir=outputs/<name>), or resume a run with resume=<run folder>.")
+        if resume and not self.is_run():
+            raise UserError(f"cannot resume {self.path}: it is not a run folder of train.py (no "
+                            f"{self.config.name} and model/). Pass resume=<a folder train.py wrote>.")
+        self.made_here = made_by_this_process(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not self.marker.exists():
+            self.created.append(self.marker)
+        f = open(self.marker, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder_text(f)
+            f.close()
+            raise UserError(f"run folder {self.path} is in use by {holder}. One trainer writes a run "
+                            f"folder at a time: wait for it, stop it, or choose another folder.") from None
+        self._lock = f
+        if not resume and (self.has_checkpoint() or self.config.is_file()):
+            self.release()
+            raise UserError(f"{self.path} already holds a run ({'model/*.pth' if self.has_checkpoint() else 'config.yaml'}). "
+                            f"Continue it with resume={self.path} (when it has model/last.pth), or choose a "
+                            f"new folder for a new run; nothing in it was changed.")
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
+                                started=time.strftime("%Y-%m-%d %H:%M:%S"), command=" ".join(sys.argv))))
+        f.flush()
+        return self
+
+    def track(self, path):
+        """Note a file or folder this process is about to create (when it does not exist yet)."""
+        path = Path(path)
+        if not path.exists():
+            self.created.append(path)
+        return path
+
+    def save_hydra_files(self, cfg):
+        """.hydra/{config,hydra,overrides}.yaml as Hydra writes them, once the folder is this run's."""
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+
+        from utils.io import save_text
+        folder = self.path / ".hydra"
+        if not HydraConfig.initialized() or folder.exists():
+            return
+        self.track(folder)
+        hydra_cfg = HydraConfig.get()
+        save_text(OmegaConf.to_yaml(cfg), folder / "config.yaml")
+        save_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})), folder / "hydra.yaml")
+        save_text(OmegaConf.to_yaml(hydra_cfg.overrides.task), folder / "overrides.yaml")
+
+    def release(self):
+        if self._lock is not None:
+            self._lock.close()  # closing drops the flock
+            self._lock = None
+
+    def discard_failed_start(self):
+        """After a failed start: remove what this process created and nothing else."""
+        self.release()
+        for p in reversed(self.created):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+        self.created = []
+        if self.made_here:
+            remove_empty_run_folder(self.path)
+
+
+def made_by_this_process(folder):
+    """True when the folder does not exist yet, or is empty and was made after this process
+    started (Hydra makes the run folder just before calling train.py's main)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return True
+    return not any(folder.iterdir()) and folder.stat().st_ctime >= STARTED - 1.0
+
+
+def remove_if_empty(folder):
+    """rmdir a folder when it is empty; never anything else."""
+    try:
+        Path(folder).rmdir()
+        return True
+    except OSError:
+        return False
+
+
+def remove_empty_run_folder(folder):
+    """Remove an empty run folder this process made, and Hydra's date folder above it
+    (outputs/<date>/) when that is left empty too."""
+    folder = Path(folder)
+    if remove_if_empty(folder) and folder.parent.parent.name in ("outputs", "multirun"):
+        remove_if_empty(folder.parent)
+
+
+def find_run(path):
+    """A run folder as given, or relative to outputs/ as the authors' infer.py takes it
+    (path=2024-05-10/22-31-19)."""
+    given = Path(str(path)).expanduser()
+    for candidate in (given, Path("outputs") / given):
+        if candidate.is_dir():
+            return RunFolder(candidate)
+    raise UserError(f"run folder {given} does not exist (nor outputs/{given}); pass path=<the folder "
+                    f"train.py wrote>, e.g. path=outputs/2026-11-25/12-00-00 or path=2026-11-25/12-00-00.")
