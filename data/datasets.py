@@ -87,15 +87,15 @@ def resolve_root(name, root_cfg):
             return generate(DEFAULT_ROOT)
         if not (Path(root) / "demo.json").is_file():
             return generate(root)  # first use of a custom demo location
+    key = "dataset.root" if name in ("folder", "demo") else f"dataset.root.{name}"
     if not root:
-        raise UserError(
-            f"no root folder given for dataset {name!r}. Pass dataset.root.{name}=/path/to/data "
-            f"on the command line (dataset.root=/path for dataset=folder) or set {spec.env_var}.")
+        raise UserError(f"no root folder given for dataset {name!r}. Pass {key}=/path/to/data "
+                        f"on the command line or set {spec.env_var}.")
     root = Path(os.path.expanduser(str(root)))
     if not root.is_dir():
         raise UserError(
             f"dataset root {root} for {name!r} does not exist or is not a folder. Fix "
-            f"dataset.root.{name}=... (or {spec.env_var}) to point at the unpacked download.")
+            f"{key}=... (or {spec.env_var}) to point at the unpacked download.")
     return root
 
 

@@ -2,6 +2,7 @@
 import math
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -331,6 +332,20 @@ def train(cfg, run_dir, given=()):
         run.release()
 
 
+def current_defaults():
+    """This version's defaults of train.*, eval.*, logger.* and the dataset keys, for runs started by
+    an older version that lack some of them."""
+    setting = Path(__file__).resolve().parent.parent / "setting"
+    base = OmegaConf.load(setting / "config-train.yaml")
+    for key in ("defaults", "hydra", "num_workers", "pin_memory", "use_mixed_precision"):
+        base.pop(key)
+    for key in ("gradient_accumulation_steps", "log_every_step", "eval_every_epoch"):
+        base.train.pop(key)
+    base.dataset = OmegaConf.load(setting / "dataset" / "real.yaml")
+    base.dataset.pop("root")
+    return base
+
+
 def resume_config(run_dir, overrides=()):
     """The config saved in `run_dir`, with command-line overrides (other than resume=) applied."""
     run = RunFolder(run_dir)
@@ -338,7 +353,7 @@ def resume_config(run_dir, overrides=()):
         raise UserError(f"cannot resume {run.path}: no such folder. Pass resume=<a run folder written by train.py>.")
     if not run.config.is_file():
         raise UserError(f"cannot resume: {run.config} does not exist. Pass resume=<a run folder written by train.py>.")
-    cfg = OmegaConf.load(run.config)
+    cfg = OmegaConf.merge(current_defaults(), OmegaConf.load(run.config))  # keys newer than the run
     extra = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith("resume")]
     if extra:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in extra]))

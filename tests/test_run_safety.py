@@ -1,0 +1,147 @@
+"""Run folders as a careless or hostile user meets them: a failed start never deletes what the
+project did not write, one trainer per folder, resume mistakes, stale temporary files."""
+import errno
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from model.trainer import resume_config, train
+from tests.conftest import REPO
+from utils.io import save_torch
+from utils.run_folder import MARKER, RunFolder
+from utils.runtime import UserError
+
+TINY = ["model=tiny", "dataset=demo", "train.epochs=1", "train.batch_size=32", "train.num_workers=0",
+        "device=cpu", "logger.wandb.mode=disabled"]
+
+
+def train_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def user_folder(path):
+    path.mkdir(parents=True)
+    (path / "notes.txt").write_text("keep")
+    return path
+
+
+def test_failed_start_keeps_a_users_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("MA_SBIR_SKETCHY", raising=False)
+    p = user_folder(tmp_path / "p")
+    r = train_cli("model=tiny", "dataset=sketchy", f"hydra.run.dir={p}")
+    assert r.returncode == 1 and "is not empty (notes.txt" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(os.listdir(p)) == ["notes.txt"] and (p / "notes.txt").read_text() == "keep"
+
+
+def test_run_dir_dot_inside_a_clone_deletes_nothing(tmp_path, demo_root):
+    clone = user_folder(tmp_path / "clone")
+    (clone / ".git").mkdir()
+    (clone / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    r = train_cli(*TINY, f"dataset.root={demo_root}", "hydra.run.dir=.", cwd=clone)
+    assert r.returncode == 1 and "not a ma-sbir run folder" in r.stderr
+    assert sorted(os.listdir(clone)) == [".git", "notes.txt"] and (clone / ".git" / "HEAD").is_file()
+
+
+def test_failed_start_in_a_fresh_folder_leaves_no_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv("MA_SBIR_SKETCHY", raising=False)
+    r = train_cli("model=tiny", "dataset=sketchy", cwd=tmp_path)  # default outputs/<date>/<time>
+    assert r.returncode == 1 and "no root folder given" in r.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())
+
+
+def test_resume_into_another_folder_and_of_a_missing_folder(tmp_path, demo_root, tiny_train_cfg):
+    run = tmp_path / "run"
+    train(tiny_train_cfg(), run)
+    other = user_folder(tmp_path / "other")
+    r = train_cli(f"resume={run}", "train.epochs=2", f"hydra.run.dir={other}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert sorted(os.listdir(other)) == ["notes.txt"]
+    assert torch.load(run / "model" / "last.pth", weights_only=True)["epoch"] == 2
+    r = train_cli(f"resume={tmp_path / 'nope'}", cwd=tmp_path)
+    assert r.returncode == 1 and "cannot resume" in r.stderr and "no such folder" in r.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint_keeps_its_files(tmp_path, tiny_train_cfg):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / MARKER).write_text("{}")
+    (run / "config.yaml").write_text(OmegaConf.to_yaml(tiny_train_cfg()))
+    (run / "train.log").write_text("the story so far\n")
+    saved = (run / "config.yaml").read_text()
+    with pytest.raises(UserError, match="no model/last.pth"):
+        train(resume_config(run, []), run)
+    assert (run / "train.log").read_text().startswith("the story so far")
+    assert (run / "config.yaml").read_text() == saved and sorted(os.listdir(run)) == [MARKER, "config.yaml", "train.log"]
+
+
+def test_new_run_in_a_finished_run_folder_is_refused(tmp_path, tiny_train_cfg):
+    run = tmp_path / "run"
+    train(tiny_train_cfg(), run)
+    before = (run / "model" / "last.pth").read_bytes()
+    with pytest.raises(UserError, match=r"already holds a run .*resume="):
+        train(tiny_train_cfg("seed=3"), run)
+    assert (run / "model" / "last.pth").read_bytes() == before
+
+
+def test_second_trainer_in_one_folder_is_told_who_holds_it(tmp_path, demo_root):
+    holder = RunFolder(tmp_path / "c1").claim()
+    try:
+        r = train_cli(*TINY, f"dataset.root={demo_root}", f"hydra.run.dir={tmp_path / 'c1'}")
+    finally:
+        holder.release()
+    assert r.returncode == 1 and f"is in use by process {os.getpid()}" in r.stderr
+    assert sorted(os.listdir(tmp_path / "c1")) == [MARKER]
+
+
+def test_the_lock_dies_with_its_process(tmp_path):
+    code = f"from utils.run_folder import RunFolder; RunFolder({str(tmp_path / 'r')!r}).claim(); print('held')"
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.stdout.strip() == "held"
+    RunFolder(tmp_path / "r").claim(resume=False).release()  # a dead holder blocks nobody
+
+
+def test_stale_temporary_files_go_at_the_next_save(tmp_path):
+    path = tmp_path / "model" / "last.pth"
+    save_torch({"w": torch.ones(2)}, path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = path.parent / f".last.pth.{dead}.abc123.tmp"
+    stale.write_bytes(b"half")
+    mine = path.parent / f".last.pth.{os.getpid()}.live.tmp"  # a save in progress is left alone
+    mine.write_bytes(b"writing")
+    save_torch({"w": torch.zeros(2)}, path)
+    assert not stale.exists() and mine.exists()
+
+
+def test_full_disk_during_a_save_says_so_and_keeps_the_last_good_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    save_torch({"w": torch.ones(2)}, path)
+
+    def full(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(UserError, match=r"no space left on the device while writing .*last.pth is intact"):
+        save_torch({"w": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["last.pth"]
+
+
+def test_disk_full_in_training_names_the_intact_checkpoint(tmp_path, tiny_train_cfg, monkeypatch):
+    run = tmp_path / "run"
+    train(tiny_train_cfg(), run)
+    real = torch.save
+
+    def full(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(UserError, match=r"no space left.*last.pth is intact.*best.pth is intact too"):
+        train(resume_config(run, ["train.epochs=2"]), run)
+    monkeypatch.setattr(torch, "save", real)
+    assert torch.load(run / "model" / "last.pth", weights_only=True)["epoch"] == 1
