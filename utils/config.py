@@ -65,6 +65,8 @@ def apply_aliases(cfg, kind, given=()):
         _train_specials(cfg)
     for alias in AUTHORS_ONLY[kind]:
         _drop(cfg, alias)
+    for key in [k for k, v in cfg.items() if OmegaConf.is_dict(v) and len(v) == 0]:
+        cfg.pop(key)  # a group that held only aliases
     for key in ("dataset.test_idx", "dataset.valid_idx"):  # the authors' train config: [2]
         value = OmegaConf.select(cfg, key)
         if OmegaConf.is_list(value) and len(value) == 1:
