@@ -83,6 +83,8 @@ class Trainer:
             self.load_state(resume)
         if info.is_main:
             self.write_config()
+        if info.is_main and cfg.logger.wandb.mode != "disabled":
+            run.track(run.path / "wandb")
         self.wandb = init_wandb(cfg, run.path, self.progress.wandb_id) if info.is_main else None
         if self.wandb is not None:
             self.progress.wandb_id = self.wandb.id

@@ -30,7 +30,7 @@ def test_training_writes_checkpoints_log_and_config(trained_run):
     ckpt = torch.load(run / "model" / "last.pth", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["config"]["model"]["backbone"] == "ma-tiny"
     assert "epoch 2 done" in (run / "train.log").read_text()
-    assert len(result["history"]) == 2 and all(h["val_map"] is not None for h in result["history"])
+    assert len(result["history"]) == 2 and all(h["score"] is not None for h in result["history"])
 
 
 def test_infer_then_evaluate(trained_run, demo_root):
