@@ -90,3 +90,30 @@ def test_resume_continues_the_same_wandb_run(tmp_path, tiny_train_cfg, monkeypat
     train(resume_config(run, ["train.epochs=2"]), run)
     assert calls[0]["id"] is None and calls[1]["id"] == "run-abc123"
     assert calls[1]["resume"] == "allow" and calls[1]["dir"] == str(run)
+
+
+def test_sigterm_mid_epoch_with_workers_resumes_exactly(tmp_path, tiny_train_cfg):
+    """Augmentation draws from (seed, epoch, sample index), so loader workers do not change the
+    stream: SIGTERM in the middle of an epoch, then resume, equals a straight run."""
+    cfg = ("train.epochs=1", "train.batch_size=16", "train.num_workers=2", "dataset.augment=true")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(tiny_train_cfg(*cfg), straight)
+    original, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def signal_at_step_5(self, *a, **k):
+        out = original(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+    torch.optim.AdamW.step = signal_at_step_5
+    try:
+        with pytest.raises(SystemExit):
+            train(tiny_train_cfg(*cfg), stopped)
+    finally:
+        torch.optim.AdamW.step = original
+    assert torch.load(stopped / "model" / "last.pth", weights_only=True)["batch_in_epoch"] == 5
+    train(resume_config(stopped, []), stopped)
+    a, b = weights(straight), weights(stopped)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
