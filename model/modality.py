@@ -4,6 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from utils.runtime import UserError
+
 LOSS_NAMES = ("clip", "sem", "rec", "disc", "orth")
 
 
@@ -15,15 +17,19 @@ def cos_emb(a, b):
 class ModalityAwareCLIP(nn.Module):
     def __init__(self, clip, embed_dim, n_mode=4, temperature=2.6592):
         super().__init__()
+        if not isinstance(getattr(clip, "logit_scale", None), nn.Parameter):
+            raise UserError(f"the backbone ({type(clip).__name__}) has no logit_scale parameter, which the "
+                            f"CLIP loss trains (reset to model.temperature); use an open_clip CLIP model.")
         self.clip = clip
-        for unused in ("logit_scale", "logit_bias"):  # open_clip's own; this model keeps its own scale
-            if isinstance(getattr(clip, unused, None), nn.Parameter):
-                getattr(clip, unused).requires_grad_(False)
+        with torch.no_grad():  # the CLIP model's own scale, reset as the authors do, trained with the backbone
+            clip.logit_scale.fill_(float(temperature))
+        clip.logit_scale.requires_grad_(True)
+        if isinstance(getattr(clip, "logit_bias", None), nn.Parameter):  # SigLIP's; unused here
+            clip.logit_bias.requires_grad_(False)
         self.n_mode = n_mode
-        self.modes = nn.Embedding(n_mode, embed_dim)
-        nn.init.normal_(self.modes.weight, std=embed_dim ** -0.5)
+        self.modes = nn.Embedding(n_mode, embed_dim)  # PyTorch's default init N(0, 1), as the authors'
         self.disc = nn.Linear(embed_dim, n_mode)
-        self.logit_scale = nn.Parameter(torch.tensor(float(temperature)))
+        self.register_load_state_dict_pre_hook(_older_scale_name)
 
     def encode_image(self, images):
         return F.normalize(self.clip.encode_image(images).float(), dim=-1)
@@ -47,6 +53,13 @@ class ModalityAwareCLIP(nn.Module):
         return [p for n, p in self.named_parameters() if not n.startswith("clip.")]
 
 
+def _older_scale_name(module, state, prefix, *args):
+    """Checkpoints written before the scale moved into the CLIP model kept the trained one as
+    `logit_scale` (beside open_clip's unused, frozen one)."""
+    if prefix + "logit_scale" in state:
+        state[prefix + "clip.logit_scale"] = state.pop(prefix + "logit_scale")
+
+
 def compute_losses(model, z_img, z_txt, m1, m2, ratios, gather=None):
     """All five losses and the ratio-normalised total.
 
@@ -63,7 +76,7 @@ def compute_losses(model, z_img, z_txt, m1, m2, ratios, gather=None):
     s_img, s_txt = z_img - m[m1], z_txt - m[m2]
     if "clip" in active:
         all_img, all_txt = gather(z_img, z_txt) if gather else (z_img, z_txt)
-        scale = model.logit_scale.exp()
+        scale = model.clip.logit_scale.exp()
         offset = 0 if gather is None else getattr(gather, "offset", 0)
         labels = torch.arange(z_img.shape[0], device=z_img.device) + offset
         losses["clip"] = (F.cross_entropy(scale * z_img @ all_txt.T, labels)
