@@ -59,3 +59,48 @@ def test_warmup_then_constant_or_linear():
     assert [f(s) for s in (0, 3, 4, 9)] == [0.25, 1.0, 1.0, 1.0]
     g = lr_lambda(warmup=4, total=10, schedule="linear")
     assert g(0) == 0.25 and g(4) == 1.0 and g(7) == 0.5 and g(10) == 0.0
+
+
+def test_test_loss_selection_is_the_authors_and_is_labelled(tmp_path, tiny_train_cfg, monkeypatch):
+    """train.select=test_loss keeps the epoch with the lowest weighted test-split loss (eval mode,
+    fp32; ties go to the later epoch as in the authors' `<=`), and says so everywhere."""
+    import model.trainer as trainer_module
+    from model.inference import infer
+    from retrieval.evaluate import evaluate
+    from tests.conftest import compose_cfg
+    losses = iter([0.7, 0.5, 0.5, 0.9])
+    monkeypatch.setattr(trainer_module, "split_loss", lambda *a, **k: next(losses))
+    run = tmp_path / "run"
+    result = train(tiny_train_cfg("train.epochs=4", "train.select=test_loss", "dataset.cls_ratio=1.0"), run)
+    assert [h["score"] for h in result["history"]] == [-0.7, -0.5, -0.5, -0.9]
+    best = torch.load(run / "model" / "best.pth", weights_only=True)
+    assert best["epoch"] == 3 and best["selected_by"] == "test_loss"
+    assert "TEST split" in (run / "train.log").read_text()
+    assert "select: test_loss" in (run / "config.yaml").read_text()
+    infer(compose_cfg("config-infer", [f"path={run}", "device=cpu", "num_workers=0"]))
+    out = evaluate(compose_cfg("config-eval", [f"path={run}", "eval.device=cpu", "eval.report.enabled=false"]))
+    assert out["checkpoint_chosen_on_test_data"] is True and out["inference"]["epoch"] == 3
+
+
+def test_split_loss_is_the_mean_of_the_batch_losses_in_eval_mode(tiny_train_cfg, demo_root):
+    from data.index import make_splits
+    from data.loader import open_image
+    from model.backbone import build_model, loss_ratios
+    from model.modality import compute_losses
+    from retrieval.validation import split_loss
+    cfg = tiny_train_cfg("train.batch_size=24")
+    model, _, eval_tf, tok = build_model(cfg.model)
+    rows = make_splits(cfg.dataset).test[:50]
+    got = split_loss(model, rows, eval_tf, tok, loss_ratios(cfg.model), cfg, torch.device("cpu"))
+    model.eval()
+    expect = []
+    with torch.no_grad():
+        for s in range(0, 50, 24):
+            part = rows[s:s + 24]
+            images = torch.stack([eval_tf(open_image(r0 / r["img_path"])) for r0, r in part])
+            z_img = model.encode_image(images)
+            z_txt = model.encode_text(tok([r["text"] for _, r in part]))
+            m1 = torch.tensor([r["m1"] for _, r in part])
+            m2 = torch.tensor([r["m2"] for _, r in part])
+            expect.append(compute_losses(model, z_img, z_txt, m1, m2, loss_ratios(cfg.model))[0].item())
+    assert got == pytest.approx(sum(expect) / len(expect), abs=1e-5)

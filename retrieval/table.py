@@ -1,0 +1,100 @@
+"""Collect eval_result.json files into one markdown and CSV table, with the paper's numbers beside
+them: python -m retrieval.table <run folders, result files or globs> [--csv table.csv]"""
+import argparse
+import csv
+import glob
+import io
+import json
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+METRICS = ("mAP@all", "mAP@200", "p@100", "p@200")
+# The paper's zero-shot numbers (Lyou et al., WACV 2024, ViT-B/32), in percent, on its splits.
+PAPER = {("sketchy", "sketchy_21"): {"mAP@200": 69.1, "p@200": 75.5},
+         ("tuberlin", "tuberlin_30"): {"mAP@all": 70.5, "p@100": 77.7},
+         ("quickdraw", "quickdraw_30"): {"mAP@all": 32.7, "p@200": 42.5}}
+DEFAULT_SPLIT = {"sketchy": "sketchy_21", "tuberlin": "tuberlin_30", "quickdraw": "quickdraw_30"}
+COLUMNS = ["run", "dataset", "split", "checkpoint", "chosen by", "protocol", "query", *METRICS, "paper"]
+
+
+def result_files(patterns):
+    """eval_result.json files of the given run folders, files or glob patterns, in order."""
+    found = []
+    for pattern in patterns:
+        for path in sorted(glob.glob(pattern)) or [pattern]:
+            path = Path(path)
+            if path.is_file() and path.name == "eval_result.json":
+                found.append(path)
+            elif path.is_dir():
+                found += sorted(path.glob("**/infer_output/*/*/eval_result.json"))
+                found += sorted(path.glob("infer_output/*/*/eval_result.json"))
+    return list(dict.fromkeys(found))
+
+
+def run_of(result_path):
+    return result_path.parent.parent.parent.parent  # <run>/infer_output/<mode>/<dataset>/eval_result.json
+
+
+def rows_of(path):
+    out = json.loads(path.read_text())
+    run, meta = run_of(path), out.get("inference") or {}
+    dataset = meta.get("dataset") or path.parent.name.removesuffix("-gzs")
+    config = OmegaConf.load(run / "config.yaml") if (run / "config.yaml").is_file() else None
+    split = (config.dataset.get("split") if config is not None else None) or DEFAULT_SPLIT.get(dataset, "")
+    kind = "GZS" if out.get("generalized") else "ZS"
+    if out.get("zero_shot") is False:
+        kind += " (classes seen in training!)"
+    chosen = meta.get("selected_by") or "?"
+    if out.get("checkpoint_chosen_on_test_data"):
+        chosen += " (on test data)"
+    paper = PAPER.get((dataset, split)) if kind == "ZS" else None
+    paper_text = " / ".join(f"{k} {v}" for k, v in paper.items()) if paper else ""
+    protocols = {"default": {m: out[m] for m in METRICS}}
+    for name, values in (out.get("protocols") or {}).items():
+        protocols[name] = {m: values.get(m, out[m]) for m in METRICS}
+    rows = []
+    for protocol, values in protocols.items():
+        for q, query in enumerate(("original", "converted")):
+            rows.append(dict(run=str(run), dataset=dataset, split=f"{split} {kind}".strip(),
+                             checkpoint=f"{meta.get('mode', path.parent.parent.name)} (epoch {meta.get('epoch', '?')})",
+                             **{"chosen by": chosen}, protocol=protocol, query=query,
+                             **{m: _pct(values[m][q]) for m in METRICS}, paper=paper_text))
+    return rows
+
+
+def _pct(x):
+    return "" if x is None else f"{100 * x:.2f}"
+
+
+def markdown(rows):
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", help="run folders, eval_result.json files or glob patterns")
+    parser.add_argument("--csv", default="results_table.csv", help="CSV file to write (default %(default)s)")
+    args = parser.parse_args(argv)
+    files = result_files(args.paths)
+    if not files:
+        print(f"error: no eval_result.json under {args.paths}; run evaluate.py path=<run> first.", file=sys.stderr)
+        return 1
+    rows = [r for f in files for r in rows_of(f)]
+    print("metrics in %; paper = the paper's zero-shot numbers on the same split\n")
+    print(markdown(rows))
+    from utils.io import save_text
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    save_text(buf.getvalue(), args.csv)
+    print(f"\n{len(rows)} rows from {len(files)} result file(s); CSV: {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
