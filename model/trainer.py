@@ -194,13 +194,23 @@ class Trainer:
                 bar.set_postfix(loss=f"{self.running:.4f}")
                 if boundary:
                     self.log_step(losses, i + 1)
-            if stop.signal is not None:
+            if boundary and self.stop_agreed(stop):
                 if self.info.is_main:
                     self.save(self.checkpoint_state(i + 1), self.run.last)
                     log.info(f"signal {stop.signal} received: saved last.pth at epoch {p.epoch + 1}, "
                              f"step {p.step}; resume with `python train.py resume={self.run.path}`")
                 raise SystemExit(128 + stop.signal)
         bar.close()
+
+    def stop_agreed(self, stop):
+        """Whether any rank got SIGINT / SIGTERM: asked at accumulation boundaries only (a stop
+        inside a window would lose its gradients) and agreed by all ranks (one stopping alone
+        would leave the others waiting in the next collective)."""
+        flag = torch.tensor(float(stop.signal or 0), device=self.device)
+        if self.info.enabled:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        stop.signal = int(flag.item()) or None
+        return stop.signal is not None
 
     def train_batch(self, batch, boundary):
         """Forward, backward and (at an accumulation boundary) an optimiser step; None when the

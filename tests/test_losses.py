@@ -143,3 +143,21 @@ def test_gradients_reach_mode_vectors_and_discriminator(setup):
     assert model.modes.weight.grad.abs().sum() > 0
     assert model.disc.weight.grad.abs().sum() > 0
     assert model.clip.logit_scale.grad is not None
+
+
+def test_orth_loss_sums_absolute_products_not_the_absolute_dot_product(setup):
+    """With mixed signs, sum_j |E_s[b,j] m_k[j]| and its near misses |sum_j E_s[b,j] m_k[j]| and
+    |<E_s, m_k>| over normalised vectors differ: only the first is the loss."""
+    model, _, _, m1, m2 = setup
+    with torch.no_grad():
+        model.modes.weight.copy_(torch.tensor([[0.5, -0.5, 0.2], [-0.3, 0.4, 0.1],
+                                               [0.2, 0.2, -0.6], [1.0, -1.0, 0.0]]))
+    zi = torch.stack([unit([1.0, 1.0, 0.0]), unit([1.0, -2.0, 1.0])])
+    zt = torch.stack([unit([1.0, 1.0, 0.2]), unit([1.0, -2.0, 0.8])])
+    _, losses = compute_losses(model, zi, zt, m1, m2, only("orth"))
+    e = torch.nn.functional.normalize((zi + zt) / 2, dim=-1)
+    m = model.modes.weight.detach()
+    right = sum(sum(abs(e[b, j] * m[k, j]) for j in range(D)) for b in range(2) for k in range(K)) / (2 * K)
+    near_miss = sum(abs(sum(e[b, j] * m[k, j] for j in range(D))) for b in range(2) for k in range(K)) / (2 * K)
+    assert abs(right - near_miss) > 0.1
+    assert losses["orth"].item() == pytest.approx(right.item(), abs=1e-12)

@@ -117,3 +117,29 @@ def test_sigterm_mid_epoch_with_workers_resumes_exactly(tmp_path, tiny_train_cfg
     a, b = weights(straight), weights(stopped)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_a_stop_inside_an_accumulation_window_resumes_exactly(tmp_path, tiny_train_cfg, monkeypatch):
+    """SIGTERM on the first micro-batch of a window: the run finishes the window, saves at its
+    boundary, and the resumed run equals a straight one."""
+    import model.modality as modality
+    cfg = ("train.epochs=1", "train.batch_size=16", "train.accum_steps=2")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    train(tiny_train_cfg(*cfg), straight)
+    real, calls = modality.compute_losses, {"n": 0}
+
+    def signal_on_third_batch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+    monkeypatch.setattr(modality, "compute_losses", signal_on_third_batch)
+    with pytest.raises(SystemExit):
+        train(tiny_train_cfg(*cfg), stopped)
+    monkeypatch.setattr(modality, "compute_losses", real)
+    ckpt = torch.load(stopped / "model" / "last.pth", weights_only=True)
+    assert ckpt["batch_in_epoch"] == 4 and ckpt["step"] == 2
+    train(resume_config(stopped, []), stopped)
+    a, b = weights(straight), weights(stopped)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
