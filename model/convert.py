@@ -112,6 +112,8 @@ def convert(src, out, overrides=()):
     converted_state(model, state, src, cfg.model.backbone)
     epoch = ckpt.get("epoch")
     mode = "last" if src.stem == "last" else "best"  # their last.pth stays last: not a chosen checkpoint
+    if "select" in cfg.train:  # their best.pth: lowest weighted loss on the test split (cls_ratio 1.0)
+        cfg.train.select = "last" if mode == "last" else "test_loss"
     created = not out.exists()
     try:
         save_torch(dict(model=model.state_dict(), config=OmegaConf.to_container(cfg, resolve=True),

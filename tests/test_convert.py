@@ -207,3 +207,10 @@ def test_existing_output_folder_is_never_overwritten(converted, demo_root, capsy
     before = (run / "config.yaml").read_text()
     code, errors = refused([f"src={tmp / 'best.pth'}", f"out={run}", *overrides(demo_root)], capsys)
     assert code == 1 and "already exists" in errors[0] and (run / "config.yaml").read_text() == before
+
+
+def test_missing_src_or_out_says_how_to_call_it(tmp_path, capsys):
+    code, errors = refused([f"src={tmp_path / 'best.pth'}"], capsys)
+    assert code == 1 and "usage: python -m model.convert src=" in errors[0]
+    code, errors = refused([f"src={tmp_path / 'best.pth'}", f"out={tmp_path / 'run'}"], capsys)
+    assert code == 1 and "best.pth: no such file" in errors[0] and not (tmp_path / "run").exists()
