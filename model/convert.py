@@ -111,18 +111,21 @@ def convert(src, out, overrides=()):
     model, *_ = build_model(cfg.model)
     converted_state(model, state, src, cfg.model.backbone)
     epoch = ckpt.get("epoch")
+    mode = "last" if src.stem == "last" else "best"  # their last.pth stays last: not a chosen checkpoint
+    if "select" in cfg.train:  # their best.pth: lowest weighted loss on the test split (cls_ratio 1.0)
+        cfg.train.select = "last" if mode == "last" else "test_loss"
     created = not out.exists()
     try:
         save_torch(dict(model=model.state_dict(), config=OmegaConf.to_container(cfg, resolve=True),
                         epoch=epoch if isinstance(epoch, int) else None, converted_from=str(src.resolve())),
-                   out / "model" / "best.pth")
+                   out / "model" / f"{mode}.pth")
         save_text(OmegaConf.to_yaml(cfg, resolve=True), out / "config.yaml")
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
-    log.info(f"wrote {out}/model/best.pth (epoch {epoch}) and config.yaml from {src}; next: "
-             f"python infer.py path={out} && python evaluate.py path={out}")
+    log.info(f"wrote {out}/model/{mode}.pth (epoch {epoch}) and config.yaml from {src}; next: "
+             f"python infer.py path={out} mode={mode} && python evaluate.py path={out} mode={mode}")
     return out
 
 

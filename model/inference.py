@@ -107,7 +107,8 @@ def infer(cfg, given=()):
     save_torch(torch.from_numpy(emb["txt"]), out / "txt_logits.pt")
     save_torch(torch.from_numpy(emb["converted"]), out / "converted_logits.pt")
     save_csv(rows, INDEX_COLUMNS, out / "index.csv")
-    selected_by = ckpt.get("selected_by") or (train_cfg.get("run") or {}).get("select")
+    selected_by = ckpt.get("selected_by") or (train_cfg.get("run") or {}).get("select") \
+        or train_cfg.get("train", {}).get("select")
     save_json(dict(dataset=splits.test_index.name, root=str(splits.test_index.root), mode=cfg.mode,
                    checkpoint=str(run.checkpoint(cfg.mode)), epoch=ckpt.get("epoch"), selected_by=selected_by,
                    generalized=generalized, classes_seen_in_training=overlap), out / "infer_meta.json")

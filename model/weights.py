@@ -55,6 +55,8 @@ def read_local_weights(path):
 def load_clip_state(clip, state, origin, backbone):
     """Load an open_clip-named state dict into `clip`; UserError naming what does not fit."""
     mine = clip.state_dict()
+    transient = {name for name, _ in clip.named_buffers()} - set(mine)  # e.g. attn_mask, saved by TorchScript
+    state = {k: v for k, v in state.items() if k not in transient}
     if "logit_scale" in state and "logit_scale" in mine:
         state = dict(state, logit_scale=state["logit_scale"].reshape(mine["logit_scale"].shape))
     if "logit_bias" in mine and "logit_bias" not in state:

@@ -135,3 +135,13 @@ def test_max_length_truncates_like_hf_and_keeps_embeddings_of_short_prompts():
         torch.testing.assert_close(model.encode_text(tokens[1:]), model.encode_text(plain[1:]))
     with pytest.raises(UserError, match="model.max_length=40.*from 2 to 16"):
         build_model(tiny_mcfg(backbone="ma-tiny-vit", max_length=40))
+
+
+def test_torchscript_weight_file_is_loaded_with_quick_gelu(tmp_path):
+    scripted = open_clip.create_model("ma-tiny-vit", jit=True)  # the form of OpenAI's released files
+    torch.jit.save(scripted, tmp_path / "ViT-tiny.pt")
+    clip, *_ = create_backbone("ma-tiny-vit", str(tmp_path / "ViT-tiny.pt"))
+    assert uses_quick_gelu(clip)
+    saved = scripted.state_dict()
+    for name, value in clip.state_dict().items():
+        assert torch.equal(saved[name], value), name

@@ -191,3 +191,26 @@ def test_command_line_refuses_a_file_that_is_no_checkpoint(tmp_path):
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
         line for line in proc.stderr.splitlines() if "best.pth is not a PyTorch checkpoint" in line]
     assert not (tmp_path / "run").exists()
+
+
+def test_their_older_key_and_last_pth_convert_to_last(hf, demo_root, tmp_path):
+    state = save_authors_checkpoint(tmp_path / "ckpt.pth", hf)
+    torch.save(dict(epoch=100, model_state_dict=state), tmp_path / "last.pth")  # their older format
+    run = convert(tmp_path / "last.pth", tmp_path / "run", overrides(demo_root))
+    assert sorted(p.name for p in (run / "model").iterdir()) == ["last.pth"]
+    assert torch.equal(load_checkpoint(run / "model" / "last.pth")["model"]["modes.weight"],
+                       state["encoder.mode_embedding.weight"])
+
+
+def test_existing_output_folder_is_never_overwritten(converted, demo_root, capsys):
+    run, _, tmp = converted
+    before = (run / "config.yaml").read_text()
+    code, errors = refused([f"src={tmp / 'best.pth'}", f"out={run}", *overrides(demo_root)], capsys)
+    assert code == 1 and "already exists" in errors[0] and (run / "config.yaml").read_text() == before
+
+
+def test_missing_src_or_out_says_how_to_call_it(tmp_path, capsys):
+    code, errors = refused([f"src={tmp_path / 'best.pth'}"], capsys)
+    assert code == 1 and "usage: python -m model.convert src=" in errors[0]
+    code, errors = refused([f"src={tmp_path / 'best.pth'}", f"out={tmp_path / 'run'}"], capsys)
+    assert code == 1 and "best.pth: no such file" in errors[0] and not (tmp_path / "run").exists()

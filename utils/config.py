@@ -203,6 +203,7 @@ TRAIN_RULES = {
     "eval.chunk_size": integer(1, 1_000_000),
     "model.backbone": text(), "model.pretrained": text(optional=True), "model.n_mode": integer(4, 1024),
     "model.temperature": number(-20, 20), "model.max_length": integer(2, 77, optional=True),
+    "model.quick_gelu": lambda v: None if v is None else boolean(v),
     **{f"model.{k}_loss_ratio": number(0, 1e6) for k in ("clip", "sem", "rec", "disc", "orth")},
     "dataset.train_idx": dataset_list, "dataset.test_idx": dataset_id(),
     "dataset.valid_idx": dataset_id(optional=True), "dataset.cls_ratio": number(0, 1, lo_open=True),
