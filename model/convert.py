@@ -13,11 +13,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
+from data.index import make_splits
 from model.backbone import build_model
 from model.hf_clip import hf_to_open_clip, is_hf_clip
 from model.weights import load_clip_state
+from utils.config import prepare
 from utils.io import save_text, save_torch
 from utils.restricted_pickle import Dropped, is_torchscript, restricted_load
+from utils.run_folder import MARKER
 from utils.runtime import UserError, log, run_cli, setup_logging
 
 SETTING = Path(__file__).resolve().parent.parent / "setting"
@@ -94,12 +97,24 @@ def run_config(overrides):
             cfg = compose(config_name="config-train", overrides=list(overrides))
     except Exception as e:  # Hydra's parse and composition errors
         raise UserError(f"config overrides {list(overrides)}: {str(e).splitlines()[0]}") from None
+    cfg = prepare(cfg, "train", overrides)  # the authors' key names work here too
     with open_dict(cfg):
         cfg.model.pretrained = None  # the weights come from the checkpoint
         cfg.model.quick_gelu = True  # the authors' HF openai/clip-vit-base-patch32 uses quick_gelu
         if cfg.model.get("max_length") is None:
             cfg.model.max_length = AUTHORS_MAX_LENGTH
     return cfg
+
+
+def seen_classes(dcfg):
+    """The classes the authors trained on (every seen class, cls_ratio 1.0) when the dataset root is
+    given, so that infer and evaluate can check the zero-shot split; else [] (not checked)."""
+    try:
+        return list(make_splits(dcfg, need_test=False).train_classes)
+    except UserError as e:
+        log.warning(f"training classes not recorded ({str(e).splitlines()[0][:160]}); infer.py and "
+                    f"evaluate.py will not check the zero-shot split of this run.")
+        return []
 
 
 def convert(src, out, overrides=()):
@@ -112,14 +127,15 @@ def convert(src, out, overrides=()):
     converted_state(model, state, src, cfg.model.backbone)
     epoch = ckpt.get("epoch")
     mode = "last" if src.stem == "last" else "best"  # their last.pth stays last: not a chosen checkpoint
-    if "select" in cfg.train:  # their best.pth: lowest weighted loss on the test split (cls_ratio 1.0)
-        cfg.train.select = "last" if mode == "last" else "test_loss"
+    cfg.train.select = "last" if mode == "last" else "test_loss"  # their best.pth: lowest test-split loss
+    cfg.run = dict(train_classes=seen_classes(cfg.dataset), val_classes=[], select=cfg.train.select)
     created = not out.exists()
     try:
         save_torch(dict(model=model.state_dict(), config=OmegaConf.to_container(cfg, resolve=True),
                         epoch=epoch if isinstance(epoch, int) else None, converted_from=str(src.resolve())),
                    out / "model" / f"{mode}.pth")
         save_text(OmegaConf.to_yaml(cfg, resolve=True), out / "config.yaml")
+        (out / MARKER).touch()
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
