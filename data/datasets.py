@@ -164,19 +164,17 @@ def pick_layout(root, alternatives, what, name):
 @dataclass
 class Scan:
     """What a layout scan found: class -> {mode: [relative paths]} (classes keyed by match_key,
-    `names` holds each one's folder spelling), the folders scanned, and the files skipped."""
+    `names` holds each one's folder spelling), and the files skipped."""
     images: dict
     names: dict
-    folders: dict
     skipped: list
 
 
 def scan_layout(name, root):
     spec = DATASETS[name]
-    images, names, folders, skipped = {}, {}, {}, []
+    images, names, skipped = {}, {}, []
     for mode, alts, what in ((PHOTO, spec.photo_dirs, "photo"), (SKETCH, spec.sketch_dirs, "sketch")):
-        folders[mode] = pick_layout(root, alts, what, name)
-        for folder in folders[mode]:
+        for folder in pick_layout(root, alts, what, name):
             for cls_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
                 key = match_key(cls_dir.name)
                 names.setdefault(key, class_key(cls_dir.name))
@@ -188,7 +186,7 @@ def scan_layout(name, root):
                         files.append(f.relative_to(root).as_posix())
                     else:
                         skipped.append(f.relative_to(root).as_posix())
-    return Scan(images, names, folders, skipped)
+    return Scan(images, names, skipped)
 
 
 def safe_relpath(root, rel, where):

@@ -49,9 +49,6 @@ class ModalityAwareCLIP(nn.Module):
         z_txt = self.encode_text(tokens[unique])[inverse]
         return compute_losses(self, z_img, z_txt, m1, m2, ratios, gather)
 
-    def head_parameters(self):
-        return [p for n, p in self.named_parameters() if not n.startswith("clip.")]
-
 
 def _older_scale_name(module, state, prefix, *args):
     """Checkpoints written before the scale moved into the CLIP model kept the trained one as

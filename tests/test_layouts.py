@@ -1,4 +1,6 @@
 """Every supported on-disk layout, seed CSVs, the checker, and one clear error per bad input."""
+import logging
+
 import pytest
 from omegaconf import OmegaConf
 from PIL import Image
@@ -182,11 +184,19 @@ def test_csv_row_with_missing_image_errors_or_is_skipped(tmp_path):
     assert [r["img_path"] for r in ix.rows] == ["photo/tree/photo_0.jpg"] and ix.skipped == ["photo/tree/gone.png"]
 
 
-def test_on_bad_image_skip_leaves_out_and_counts_corrupt_images(tmp_path, caplog):
+def test_on_bad_image_skip_leaves_out_and_counts_corrupt_images(tmp_path):
     root = make_tree(tmp_path / "d", ["sketch"], ["photo"], classes=["cow", "tree", "door"], real=True)
     (root / "unseen.txt").write_text("tree\n")
     (root / "photo" / "cow" / "photo_0.jpg").write_bytes(b"garbage")
     dcfg = OmegaConf.create(dict(train_idx=["folder"], test_idx="folder", root=str(root), split=None,
                                  unseen_file=None, cls_ratio=1.0, split_seed=0, csv={}, on_bad_image="skip"))
-    splits = make_splits(dcfg)
+    records, handler = [], logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("ma_sbir").addHandler(handler)
+    try:
+        splits = make_splits(dcfg)
+    finally:
+        logging.getLogger("ma_sbir").removeHandler(handler)
+    said = [r.getMessage() for r in records]
+    assert any("left out 1 unreadable training image(s)" in m and "photo_0.jpg" in m for m in said), said
     assert len(splits.train) == 7 and not any(r["img_path"] == "photo/cow/photo_0.jpg" for _, r in splits.train)
