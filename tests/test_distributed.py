@@ -141,3 +141,48 @@ def test_backend_follows_the_device_setting(monkeypatch):
     monkeypatch.setattr(ud.torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="sees no CUDA GPU"):
         ud.init_distributed("cuda")
+
+
+def rank_pid(parent, rank):
+    """The pid of torchrun's worker process with the given RANK."""
+    for pid in subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split():
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+def test_sigterm_to_one_rank_stops_both_and_resumes_exactly(tmp_path, demo_root):
+    """SIGTERM reaches rank 1 only: both ranks agree at the next step, rank 0 saves, both exit
+    128+15 (none waits forever in a collective), and the resumed run equals an uninterrupted one."""
+    import signal
+    import time
+    args = ["train.py", "dataset=demo", "model=tiny", f"dataset.root={demo_root}", "train.epochs=3",
+            "train.batch_size=16", "train.num_workers=0", "train.log_every=1", "device=cpu",
+            "logger.wandb.mode=disabled"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    done = subprocess.run(torchrun + args + [f"hydra.run.dir={straight}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    proc = subprocess.Popen(torchrun + args + [f"hydra.run.dir={stopped}"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and "epoch 1 step 2 " not in (
+            (stopped / "train.log").read_text() if (stopped / "train.log").is_file() else ""):
+        time.sleep(0.05)
+    os.kill(rank_pid(proc.pid, 1), signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "exitcode  : 143" in err, err[-3000:]
+    ckpt = torch.load(stopped / "model" / "last.pth", weights_only=True)
+    assert ckpt["epoch"] == 0 and ckpt["batch_in_epoch"] > 0 and "signal 15 received" in (stopped / "train.log").read_text()
+    resumed = subprocess.run(torchrun + ["train.py", f"resume={stopped}"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = (torch.load(r / "model" / "last.pth", weights_only=True)["model"] for r in (straight, stopped))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
