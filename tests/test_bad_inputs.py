@@ -215,3 +215,24 @@ def test_bad_chunk_size_never_overwrites_a_good_result(tmp_path):
     with pytest.raises(UserError, match="eval.chunk_size=-1 must be"):
         evaluate(eval_cfg(tmp_path, "eval.chunk_size=-1"))
     assert (out / "eval_result.json").read_text() == good
+
+
+def test_infer_reads_a_run_while_its_trainer_holds_the_lock(folder_run):
+    from utils.run_folder import RunFolder
+    run, _ = folder_run
+    holder = RunFolder(run).claim(resume=True)  # as a trainer resuming it would
+    try:
+        out = infer(compose_cfg("config-infer", [f"path={run}", "device=cpu", "num_workers=0", "mode=last"]))
+    finally:
+        holder.release()
+    assert (out / "img_logits.pt").is_file()
+
+
+def test_the_folder_root_hint_names_the_key_that_exists(monkeypatch):
+    from data.datasets import resolve_root
+    monkeypatch.delenv("MA_SBIR_FOLDER", raising=False)
+    with pytest.raises(UserError, match=r"Pass dataset.root=/path/to/data .*MA_SBIR_FOLDER") as err:
+        resolve_root("folder", {})
+    assert "dataset.root.folder" not in str(err.value)
+    with pytest.raises(UserError, match=r"Pass dataset.root.sketchy=/path/to/data"):
+        resolve_root("sketchy", {"sketchy": None})
