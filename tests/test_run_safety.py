@@ -145,3 +145,14 @@ def test_disk_full_in_training_names_the_intact_checkpoint(tmp_path, tiny_train_
         train(resume_config(run, ["train.epochs=2"]), run)
     monkeypatch.setattr(torch, "save", real)
     assert torch.load(run / "model" / "last.pth", weights_only=True)["epoch"] == 1
+
+
+def test_path_as_given_or_relative_to_outputs_as_the_authors(tmp_path, monkeypatch):
+    from utils.run_folder import find_run
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs" / "2024-05-10" / "22-31-19").mkdir(parents=True)
+    assert find_run("2024-05-10/22-31-19").path == tmp_path / "outputs" / "2024-05-10" / "22-31-19" or \
+        find_run("2024-05-10/22-31-19").path.resolve() == (tmp_path / "outputs/2024-05-10/22-31-19").resolve()
+    assert find_run(tmp_path / "outputs" / "2024-05-10").path == tmp_path / "outputs" / "2024-05-10"
+    with pytest.raises(UserError, match=r"run folder 2024-05-11 does not exist \(nor outputs/2024-05-11\)"):
+        find_run("2024-05-11")
