@@ -151,8 +151,7 @@ def test_path_as_given_or_relative_to_outputs_as_the_authors(tmp_path, monkeypat
     from utils.run_folder import find_run
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs" / "2024-05-10" / "22-31-19").mkdir(parents=True)
-    assert find_run("2024-05-10/22-31-19").path == tmp_path / "outputs" / "2024-05-10" / "22-31-19" or \
-        find_run("2024-05-10/22-31-19").path.resolve() == (tmp_path / "outputs/2024-05-10/22-31-19").resolve()
+    assert find_run("2024-05-10/22-31-19").path.resolve() == (tmp_path / "outputs/2024-05-10/22-31-19").resolve()
     assert find_run(tmp_path / "outputs" / "2024-05-10").path == tmp_path / "outputs" / "2024-05-10"
     with pytest.raises(UserError, match=r"run folder 2024-05-11 does not exist \(nor outputs/2024-05-11\)"):
         find_run("2024-05-11")
