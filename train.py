@@ -4,8 +4,8 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from model.trainer import resume_config, train
-from utils.run_folder import made_by_this_process, remove_empty_run_folder
+from model.trainer import train
+from utils.run_folder import made_by_this_process, remove_empty_run_folder, resume_config
 from utils.runtime import run_cli
 
 

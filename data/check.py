@@ -16,7 +16,7 @@ from tqdm import tqdm
 from data.datasets import PHOTO
 from data.index import make_splits, validation_problem
 from data.loader import unreadable
-from utils.runtime import UserError
+from utils.runtime import UserError, log
 
 
 @dataclass
@@ -56,6 +56,20 @@ def check_structure(splits):
     for ix in splits.indices.values():
         structure_problems(ix, report)
     return report
+
+
+def check_before_training(splits, n_mode):
+    """The cheap part of data.check, and the modes the data uses against model.n_mode."""
+    report = check_structure(splits)
+    for w in report.warnings[:20]:
+        log.warning(w)
+    if report.errors:
+        raise UserError("the dataset check found problems:\n  " + "\n  ".join(report.errors)
+                        + "\nFix them (python -m data.check lists everything) and start again.")
+    used = max(max(r["m1"], r["m2"]) for _, r in splits.train + splits.val + splits.test)
+    if used >= n_mode:
+        raise UserError(f"model.n_mode={n_mode}, but the data uses mode {used} (0 photo, 1 sketch, 3 text): "
+                        f"n_mode must be at least {used + 1}.")
 
 
 def decode_problems(rows, report, max_pixels, progress=True):

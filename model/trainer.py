@@ -2,7 +2,6 @@
 import math
 import os
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -10,7 +9,7 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from data.check import check_structure
+from data.check import check_before_training
 from data.index import make_splits, validation_problem
 from data.loader import PromptTable, SketchPhotoDataset, collate
 from data.sampler import ResumableSampler
@@ -311,20 +310,6 @@ class Trainer:
             raise UserError(f"{e}" + (f" {other[0]} is intact too." if other else "")) from None
 
 
-def check_before_training(splits, n_mode):
-    """The cheap part of data.check, and the modes the data uses against model.n_mode."""
-    report = check_structure(splits)
-    for w in report.warnings[:20]:
-        log.warning(w)
-    if report.errors:
-        raise UserError("the dataset check found problems:\n  " + "\n  ".join(report.errors)
-                        + "\nFix them (python -m data.check lists everything) and start again.")
-    used = max(max(r["m1"], r["m2"]) for _, r in splits.train + splits.val + splits.test)
-    if used >= n_mode:
-        raise UserError(f"model.n_mode={n_mode}, but the data uses mode {used} (0 photo, 1 sketch, 3 text): "
-                        f"n_mode must be at least {used + 1}.")
-
-
 def train(cfg, run_dir, given=()):
     """Train the modality-aware model into `run_dir` (resuming when cfg.resume is set). `given`:
     the command-line overrides (an alias and its key given with different values is an error)."""
@@ -342,32 +327,3 @@ def train(cfg, run_dir, given=()):
         raise
     finally:
         run.release()
-
-
-def current_defaults():
-    """This version's defaults of train.*, eval.*, logger.* and the dataset keys, for runs started by
-    an older version that lack some of them."""
-    setting = Path(__file__).resolve().parent.parent / "setting"
-    base = OmegaConf.load(setting / "config-train.yaml")
-    for key in ("defaults", "hydra", "num_workers", "pin_memory", "use_mixed_precision"):
-        base.pop(key)
-    for key in ("gradient_accumulation_steps", "log_every_step", "eval_every_epoch"):
-        base.train.pop(key)
-    base.dataset = OmegaConf.load(setting / "dataset" / "real.yaml")
-    base.dataset.pop("root")
-    return base
-
-
-def resume_config(run_dir, overrides=()):
-    """The config saved in `run_dir`, with command-line overrides (other than resume=) applied."""
-    run = RunFolder(run_dir)
-    if not run.path.is_dir():
-        raise UserError(f"cannot resume {run.path}: no such folder. Pass resume=<a run folder written by train.py>.")
-    if not run.config.is_file():
-        raise UserError(f"cannot resume: {run.config} does not exist. Pass resume=<a run folder written by train.py>.")
-    cfg = OmegaConf.merge(current_defaults(), OmegaConf.load(run.config))  # keys newer than the run
-    extra = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith("resume")]
-    if extra:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in extra]))
-    cfg.resume = str(run.path)
-    return cfg

@@ -5,7 +5,8 @@ import signal
 import pytest
 import torch
 
-from model.trainer import resume_config, train
+from model.trainer import train
+from utils.run_folder import resume_config
 from utils.runtime import UserError
 
 

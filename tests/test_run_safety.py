@@ -9,10 +9,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from model.trainer import resume_config, train
+from model.trainer import train
 from tests.conftest import REPO
 from utils.io import save_torch
-from utils.run_folder import MARKER, RunFolder
+from utils.run_folder import MARKER, RunFolder, resume_config
 from utils.runtime import UserError
 
 TINY = ["model=tiny", "dataset=demo", "train.epochs=1", "train.batch_size=32", "train.num_workers=0",

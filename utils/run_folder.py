@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from utils.runtime import UserError
 
 MARKER = ".ma-sbir-run"
@@ -174,3 +176,32 @@ def find_run(path):
             return RunFolder(candidate)
     raise UserError(f"run folder {given} does not exist (nor outputs/{given}); pass path=<the folder "
                     f"train.py wrote>, e.g. path=outputs/2026-11-25/12-00-00 or path=2026-11-25/12-00-00.")
+
+
+def current_defaults():
+    """This version's defaults of train.*, eval.*, logger.* and the dataset keys, for runs started by
+    an older version that lack some of them."""
+    setting = Path(__file__).resolve().parent.parent / "setting"
+    base = OmegaConf.load(setting / "config-train.yaml")
+    for key in ("defaults", "hydra", "num_workers", "pin_memory", "use_mixed_precision"):
+        base.pop(key)
+    for key in ("gradient_accumulation_steps", "log_every_step", "eval_every_epoch"):
+        base.train.pop(key)
+    base.dataset = OmegaConf.load(setting / "dataset" / "real.yaml")
+    base.dataset.pop("root")
+    return base
+
+
+def resume_config(run_dir, overrides=()):
+    """The config saved in `run_dir`, with command-line overrides (other than resume=) applied."""
+    run = RunFolder(run_dir)
+    if not run.path.is_dir():
+        raise UserError(f"cannot resume {run.path}: no such folder. Pass resume=<a run folder written by train.py>.")
+    if not run.config.is_file():
+        raise UserError(f"cannot resume: {run.config} does not exist. Pass resume=<a run folder written by train.py>.")
+    cfg = OmegaConf.merge(current_defaults(), OmegaConf.load(run.config))  # keys newer than the run
+    extra = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith("resume")]
+    if extra:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in extra]))
+    cfg.resume = str(run.path)
+    return cfg
