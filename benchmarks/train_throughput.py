@@ -19,6 +19,7 @@ from data.demo import DEFAULT_ROOT, generate
 from data.index import make_splits
 from data.loader import PromptTable, SketchPhotoDataset
 from model.backbone import build_model, loss_ratios
+from model.loss import ModalityAwareLoss
 from model.optim import param_groups
 from utils.runtime import autocast, pick_device
 
@@ -40,11 +41,11 @@ def step_rate(args, device, compiled):
     pid = torch.randint(0, 100, (b,), device=device)
     m1 = torch.randint(0, 2, (b,), device=device)
     m2 = torch.full((b,), 3, device=device)
-    ratios = loss_ratios(mcfg)
+    loss = ModalityAwareLoss(loss_ratios(mcfg))
 
     def step():
         with autocast(device, args.precision):
-            total, _ = net(images, tokens, pid, m1, m2, ratios)
+            total, _ = net(images, tokens, pid, m1, m2, loss)
         total.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

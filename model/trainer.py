@@ -14,6 +14,7 @@ from data.index import make_splits, validation_problem
 from data.loader import PromptTable, SketchPhotoDataset, collate
 from data.sampler import ResumableSampler
 from model.backbone import build_model, loss_ratios
+from model.loss import ModalityAwareLoss
 from model.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from model.optim import build_optimizer
 from retrieval.validation import split_loss, validation_map
@@ -134,10 +135,10 @@ class Trainer:
 
     def wrap_model(self):
         """DDP (with the all-ranks feature gather of the contrastive loss) and torch.compile."""
-        self.net, self.gather = self.model, None
+        self.net, gather = self.model, None
         if self.info.enabled:
             if self.cfg.train.gather_with_grad:
-                self.gather = GatherFeatures(self.info)
+                gather = GatherFeatures(self.info)
             r = self.ratios
             unused = r["disc"] == 0 or r["clip"] == 0 or not any(r[k] > 0 for k in ("sem", "rec", "disc", "orth"))
             self.net = DistributedDataParallel(
@@ -145,6 +146,7 @@ class Trainer:
                 find_unused_parameters=unused)
         if self.cfg.train.compile:
             self.net = torch.compile(self.net)
+        self.loss = ModalityAwareLoss(self.ratios, gather)
 
     def checkpoint_state(self, batch_in_epoch):
         p = self.progress
@@ -218,7 +220,7 @@ class Trainer:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with autocast(self.device, cfg.train.precision):
             total, losses = self.net(batch["image"], self.tokens, batch["prompt_id"], batch["m1"],
-                                     batch["m2"], self.ratios, self.gather)
+                                     batch["m2"], self.loss)
         finite = torch.isfinite(total.detach()).float()
         if self.info.enabled:  # every rank skips or stops together, or DDP would hang
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)

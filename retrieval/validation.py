@@ -4,6 +4,7 @@ import torch
 
 from data.loader import PromptTable, SketchPhotoDataset, make_loader
 from model.embed import embed_rows
+from model.loss import ModalityAwareLoss
 from retrieval.metrics import retrieval_metrics, summarize
 from utils.distributed import all_gather_cat
 
@@ -31,12 +32,13 @@ def split_loss(model, rows, transform, tokenizer, ratios, cfg, device):
     model.eval()
     prompts = PromptTable(rows, tokenizer)
     tokens = prompts.tokens.to(device)
+    loss = ModalityAwareLoss(ratios)
     loader = make_loader(SketchPhotoDataset(rows, transform, prompts), int(cfg.train.batch_size),
                          int(cfg.train.num_workers), shuffle=False)
     totals = []
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        total, _ = model(batch["image"], tokens, batch["prompt_id"], batch["m1"], batch["m2"], ratios)
+        total, _ = model(batch["image"], tokens, batch["prompt_id"], batch["m1"], batch["m2"], loss)
         totals.append(total.item())
     model.train()
     return sum(totals) / len(totals)

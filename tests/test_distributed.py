@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 from model.backbone import build_model, loss_ratios
+from model.loss import ModalityAwareLoss
 from tests.conftest import REPO
 from utils.runtime import UserError
 
@@ -51,7 +52,7 @@ def ddp_worker(rank, world, port, out):
     b = batch()
     mine = slice(rank, None, world)  # DistributedSampler's interleaved share of the batch
     total, _ = ddp(b["image"][mine], b["tokens"], b["prompt_id"][mine], b["m1"][mine], b["m2"][mine],
-                   loss_ratios(OmegaConf.create(MCFG)), GatherFeatures(info))
+                   ModalityAwareLoss(loss_ratios(OmegaConf.create(MCFG)), GatherFeatures(info)))
     total.backward()
     losses = [torch.zeros(1) for _ in range(world)]
     dist.all_gather(losses, total.detach().reshape(1))
@@ -67,7 +68,7 @@ def test_ddp_first_step_equals_single_process(tmp_path):
     ddp = torch.load(out, weights_only=True)
     net = model()
     b = batch()
-    total, _ = net(b["image"], b["tokens"], b["prompt_id"], b["m1"], b["m2"], loss_ratios(OmegaConf.create(MCFG)))
+    total, _ = net(b["image"], b["tokens"], b["prompt_id"], b["m1"], b["m2"], ModalityAwareLoss(loss_ratios(OmegaConf.create(MCFG))))
     total.backward()
     torch.testing.assert_close(ddp["loss"], total.detach(), atol=1e-5, rtol=0)
     grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}

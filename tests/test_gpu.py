@@ -5,6 +5,7 @@ import torch
 from omegaconf import OmegaConf
 
 from model.backbone import build_model, loss_ratios
+from model.loss import ModalityAwareLoss
 from retrieval.metrics import retrieval_metrics
 from utils.runtime import autocast
 
@@ -33,7 +34,7 @@ def test_bf16_training_step_on_gpu():
     with autocast(device, "bf16"):
         total, _ = model(images, tokens, torch.tensor([0, 1] * 4, device=device),
                          torch.tensor([0, 1] * 4, device=device), torch.full((8,), 3, device=device),
-                         loss_ratios(mcfg))
+                         ModalityAwareLoss(loss_ratios(mcfg)))
     total.backward()
     assert torch.isfinite(total) and model.modes.weight.grad is not None
 
@@ -61,13 +62,12 @@ def test_nccl_collectives_and_ddp_step_on_gpu():
         ddp = DistributedDataParallel(build_model(mcfg)[0].cuda(), device_ids=[0])
         g = torch.Generator().manual_seed(1)
         args = (torch.randn(8, 3, 64, 64, generator=g).cuda(), torch.randint(1, 400, (2, 16), generator=g).cuda(),
-                torch.tensor([0, 1] * 4).cuda(), torch.tensor([0, 1] * 4).cuda(), torch.full((8,), 3).cuda(),
-                loss_ratios(mcfg))
+                torch.tensor([0, 1] * 4).cuda(), torch.tensor([0, 1] * 4).cuda(), torch.full((8,), 3).cuda())
         # deterministic cuDNN without TF32: otherwise two identical convolution backward passes differ
         with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
-            ref, _ = plain(*args)
+            ref, _ = plain(*args, ModalityAwareLoss(loss_ratios(mcfg)))
             ref.backward()
-            got, _ = ddp(*args, GatherFeatures(DistInfo(0, 0, 1)))
+            got, _ = ddp(*args, ModalityAwareLoss(loss_ratios(mcfg), GatherFeatures(DistInfo(0, 0, 1))))
             got.backward()
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
         grads = dict(plain.named_parameters())

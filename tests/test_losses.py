@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model.modality import ModalityAwareCLIP, compute_losses
+from model.loss import ModalityAwareLoss
+from model.modality import ModalityAwareCLIP
 
 D, K = 3, 4
 
@@ -45,7 +46,7 @@ def only(name):
 
 def test_clip_loss_by_hand(setup):
     model, zi, zt, m1, m2 = setup
-    total, losses = compute_losses(model, zi, zt, m1, m2, only("clip"))
+    total, losses = ModalityAwareLoss(only("clip"))(model, zi, zt, m1, m2)
     s = 2.0  # exp(log 2)
     # image->text logits row i: s * <zi_i, zt_j>
     r = 1 / math.sqrt(2)
@@ -65,7 +66,7 @@ def _cos(a, b):
 def test_sem_loss_by_hand(setup):
     model, zi, zt, m1, m2 = setup
     m = model.modes.weight.detach()
-    _, losses = compute_losses(model, zi, zt, m1, m2, only("sem"))
+    _, losses = ModalityAwareLoss(only("sem"))(model, zi, zt, m1, m2)
     expect = 0.0
     for b in range(2):
         e = (zi[b] + zt[b]) / 2
@@ -76,7 +77,7 @@ def test_sem_loss_by_hand(setup):
 def test_rec_loss_by_hand(setup):
     model, zi, zt, m1, m2 = setup
     m = model.modes.weight.detach()
-    _, losses = compute_losses(model, zi, zt, m1, m2, only("rec"))
+    _, losses = ModalityAwareLoss(only("rec"))(model, zi, zt, m1, m2)
     expect = 0.0
     for b in range(2):
         conv_txt_to_img_mode = zt[b] - m[m2[b]] + m[m1[b]]
@@ -89,7 +90,7 @@ def test_disc_loss_by_hand(setup):
     model, zi, zt, m1, m2 = setup
     m = model.modes.weight.detach()
     W = model.disc.weight.detach()
-    _, losses = compute_losses(model, zi, zt, m1, m2, only("disc"))
+    _, losses = ModalityAwareLoss(only("disc"))(model, zi, zt, m1, m2)
 
     def side(z, src):
         terms = []
@@ -110,7 +111,7 @@ def test_disc_loss_by_hand(setup):
 def test_orth_loss_by_hand(setup):
     model, zi, zt, m1, m2 = setup
     m = model.modes.weight.detach()
-    _, losses = compute_losses(model, zi, zt, m1, m2, only("orth"))
+    _, losses = ModalityAwareLoss(only("orth"))(model, zi, zt, m1, m2)
     vals = []
     for b in range(2):
         e = (zi[b] + zt[b]) / 2
@@ -123,22 +124,22 @@ def test_orth_loss_by_hand(setup):
 def test_total_is_ratio_normalised_and_zero_ratio_switches_off(setup):
     model, zi, zt, m1, m2 = setup
     ratios = dict(clip=1.0, sem=0.1, rec=0.02, disc=0.1, orth=0.0)
-    total, losses = compute_losses(model, zi, zt, m1, m2, ratios)
+    total, losses = ModalityAwareLoss(ratios)(model, zi, zt, m1, m2)
     assert "orth" not in losses
     expect = (1.0 * losses["clip"] + 0.1 * losses["sem"] + 0.02 * losses["rec"]
               + 0.1 * losses["disc"]) / 1.22
     assert total.item() == pytest.approx(expect.item(), abs=1e-12)
     ratios["orth"] = 0.5
-    total2, losses2 = compute_losses(model, zi, zt, m1, m2, ratios)
+    total2, losses2 = ModalityAwareLoss(ratios)(model, zi, zt, m1, m2)
     assert "orth" in losses2
     assert total2.item() == pytest.approx(((expect * 1.22) + 0.5 * losses2["orth"]).item() / 1.72, abs=1e-12)
     with pytest.raises(ValueError):
-        compute_losses(model, zi, zt, m1, m2, {k: 0.0 for k in ratios})
+        ModalityAwareLoss({k: 0.0 for k in ratios})(model, zi, zt, m1, m2)
 
 
 def test_gradients_reach_mode_vectors_and_discriminator(setup):
     model, zi, zt, m1, m2 = setup
-    total, _ = compute_losses(model, zi, zt, m1, m2, dict(clip=1, sem=0.1, rec=0.02, disc=0.1, orth=0))
+    total, _ = ModalityAwareLoss(dict(clip=1, sem=0.1, rec=0.02, disc=0.1, orth=0))(model, zi, zt, m1, m2)
     total.backward()
     assert model.modes.weight.grad.abs().sum() > 0
     assert model.disc.weight.grad.abs().sum() > 0
@@ -154,7 +155,7 @@ def test_orth_loss_sums_absolute_products_not_the_absolute_dot_product(setup):
                                                [0.2, 0.2, -0.6], [1.0, -1.0, 0.0]]))
     zi = torch.stack([unit([1.0, 1.0, 0.0]), unit([1.0, -2.0, 1.0])])
     zt = torch.stack([unit([1.0, 1.0, 0.2]), unit([1.0, -2.0, 0.8])])
-    _, losses = compute_losses(model, zi, zt, m1, m2, only("orth"))
+    _, losses = ModalityAwareLoss(only("orth"))(model, zi, zt, m1, m2)
     e = torch.nn.functional.normalize((zi + zt) / 2, dim=-1)
     m = model.modes.weight.detach()
     right = sum(sum(abs(e[b, j] * m[k, j]) for j in range(D)) for b in range(2) for k in range(K)) / (2 * K)

@@ -56,13 +56,13 @@ def test_nonfinite_loss_stops_with_a_message_and_keeps_last_good(tmp_path, tiny_
     run = tmp_path / "run"
     train(tiny_train_cfg(), run)
     good = weights(run)
-    import model.modality as modality
-    real = modality.compute_losses
+    from model.loss import ModalityAwareLoss
+    real = ModalityAwareLoss.__call__
 
     def poisoned(*a, **k):
         total, losses = real(*a, **k)
         return total * float("nan"), losses
-    monkeypatch.setattr(modality, "compute_losses", poisoned)
+    monkeypatch.setattr(ModalityAwareLoss, "__call__", poisoned)
     with pytest.raises(UserError, match=r"non-finite loss at epoch 2, step \d+: total=nan, clip="):
         train(resume_config(run, ["train.epochs=2"]), run)
     for k, v in weights(run).items():
@@ -123,21 +123,21 @@ def test_sigterm_mid_epoch_with_workers_resumes_exactly(tmp_path, tiny_train_cfg
 def test_a_stop_inside_an_accumulation_window_resumes_exactly(tmp_path, tiny_train_cfg, monkeypatch):
     """SIGTERM on the first micro-batch of a window: the run finishes the window, saves at its
     boundary, and the resumed run equals a straight one."""
-    import model.modality as modality
+    from model.loss import ModalityAwareLoss
     cfg = ("train.epochs=1", "train.batch_size=16", "train.accum_steps=2")
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train(tiny_train_cfg(*cfg), straight)
-    real, calls = modality.compute_losses, {"n": 0}
+    real, calls = ModalityAwareLoss.__call__, {"n": 0}
 
     def signal_on_third_batch(*a, **k):
         calls["n"] += 1
         if calls["n"] == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*a, **k)
-    monkeypatch.setattr(modality, "compute_losses", signal_on_third_batch)
+    monkeypatch.setattr(ModalityAwareLoss, "__call__", signal_on_third_batch)
     with pytest.raises(SystemExit):
         train(tiny_train_cfg(*cfg), stopped)
-    monkeypatch.setattr(modality, "compute_losses", real)
+    monkeypatch.setattr(ModalityAwareLoss, "__call__", real)
     ckpt = torch.load(stopped / "model" / "last.pth", weights_only=True)
     assert ckpt["batch_in_epoch"] == 4 and ckpt["step"] == 2
     train(resume_config(stopped, []), stopped)

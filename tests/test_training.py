@@ -18,14 +18,14 @@ def test_gradient_accumulation_takes_one_step_per_accum_batches(tmp_path, tiny_t
 
 
 def test_nonfinite_batches_are_skipped_and_counted(tmp_path, tiny_train_cfg, monkeypatch):
-    import model.modality as modality
-    real, calls = modality.compute_losses, {"n": 0}
+    from model.loss import ModalityAwareLoss
+    real, calls = ModalityAwareLoss.__call__, {"n": 0}
 
     def every_other_nan(*a, **k):
         total, losses = real(*a, **k)
         calls["n"] += 1
         return (total * float("nan"), losses) if calls["n"] % 2 == 0 else (total, losses)
-    monkeypatch.setattr(modality, "compute_losses", every_other_nan)
+    monkeypatch.setattr(ModalityAwareLoss, "__call__", every_other_nan)
     result = train(tiny_train_cfg("train.batch_size=32", "train.on_nonfinite=skip"), tmp_path / "r")
     assert result["history"][0]["step"] == 4  # 8 batches, every second one skipped
     assert "non-finite loss at step" in (tmp_path / "r" / "train.log").read_text()
@@ -86,7 +86,7 @@ def test_split_loss_is_the_mean_of_the_batch_losses_in_eval_mode(tiny_train_cfg,
     from data.index import make_splits
     from data.loader import open_image
     from model.backbone import build_model, loss_ratios
-    from model.modality import compute_losses
+    from model.loss import ModalityAwareLoss
     from retrieval.validation import split_loss
     cfg = tiny_train_cfg("train.batch_size=24")
     model, _, eval_tf, tok = build_model(cfg.model)
@@ -102,5 +102,5 @@ def test_split_loss_is_the_mean_of_the_batch_losses_in_eval_mode(tiny_train_cfg,
             z_txt = model.encode_text(tok([r["text"] for _, r in part]))
             m1 = torch.tensor([r["m1"] for _, r in part])
             m2 = torch.tensor([r["m2"] for _, r in part])
-            expect.append(compute_losses(model, z_img, z_txt, m1, m2, loss_ratios(cfg.model))[0].item())
+            expect.append(ModalityAwareLoss(loss_ratios(cfg.model))(model, z_img, z_txt, m1, m2)[0].item())
     assert got == pytest.approx(sum(expect) / len(expect), abs=1e-5)

@@ -54,19 +54,17 @@ def init_distributed(device="auto"):
 
 class GatherFeatures:
     """All ranks' image and text features, with gradients flowing back to their owners
-    (as open_clip's gather_with_grad). `offset` is where this rank's rows start."""
+    (as open_clip's gather_with_grad), and where this rank's rows start among them."""
 
     def __init__(self, info):
         self.info = info
-        self.offset = 0
 
     def __call__(self, z_img, z_txt):
-        self.offset = self.info.rank * z_img.shape[0]
         with warnings.catch_warnings():  # its deprecation note points at a private API
             warnings.simplefilter("ignore", FutureWarning)
             all_img = torch.cat(torch.distributed.nn.all_gather(z_img), dim=0)
             all_txt = torch.cat(torch.distributed.nn.all_gather(z_txt), dim=0)
-        return all_img, all_txt
+        return all_img, all_txt, self.info.rank * z_img.shape[0]
 
 
 def all_gather_cat(t):

@@ -1,0 +1,56 @@
+"""The modality-aware loss (DESIGN section 5): contrastive, semantic-centre, reconstruction,
+discriminator and orthogonality terms, ratio-normalised."""
+import torch
+import torch.nn.functional as F
+
+LOSS_NAMES = ("clip", "sem", "rec", "disc", "orth")
+
+
+def cos_emb(a, b):
+    """Cosine-embedding loss with target +1: mean of (1 - cos)."""
+    return (1 - F.cosine_similarity(a, b, dim=-1)).mean()
+
+
+class ModalityAwareLoss:
+    """The total loss of a batch, as open_clip's ClipLoss holds what its distributed form needs:
+    the ratios (name -> r; a loss whose ratio is 0 is not computed) and the gather of all ranks'
+    features for the contrastive term (None on one process)."""
+
+    def __init__(self, ratios, gather=None):
+        self.ratios = {k: float(ratios.get(k, 0)) for k in LOSS_NAMES if float(ratios.get(k, 0)) > 0}
+        if not self.ratios:
+            raise ValueError("every loss ratio is 0: set at least one model.*_loss_ratio > 0.")
+        self.gather = gather
+
+    def __call__(self, model, z_img, z_txt, m1, m2):
+        """(total, losses) of L2-normalised z_img, z_txt [B, d] with image modes m1 and text modes m2."""
+        active, m, losses = self.ratios, model.modes.weight, {}
+        e_s = F.normalize((z_txt + z_img) / 2, dim=-1)
+        if "clip" in active:
+            losses["clip"] = self.contrastive(model.clip.logit_scale.exp(), z_img, z_txt)
+        if "sem" in active:
+            s_img, s_txt = z_img - m[m1], z_txt - m[m2]
+            losses["sem"] = cos_emb(F.normalize(s_txt, dim=-1), e_s) + cos_emb(F.normalize(s_img, dim=-1), e_s)
+        conv_img, conv_txt = model.convert(z_img, m1), model.convert(z_txt, m2)
+        rows = torch.arange(z_img.shape[0], device=z_img.device)
+        if "rec" in active:
+            losses["rec"] = cos_emb(conv_txt[rows, m1], z_img) + cos_emb(conv_img[rows, m2], z_txt)
+        if "disc" in active:
+            k = torch.arange(model.n_mode, device=z_img.device).expand(z_img.shape[0], -1)
+            side = []
+            for conv, src in ((conv_txt, m2), (conv_img, m1)):
+                keep = k != src[:, None]
+                side.append(F.cross_entropy(model.disc(conv[keep]), k[keep]))
+            losses["disc"] = (side[0] + side[1]) / 2
+        if "orth" in active:
+            losses["orth"] = (e_s[:, None, :] * m[None]).abs().sum(-1).mean()
+        total = sum(active[k] * losses[k] for k in active) / sum(active.values())
+        return total, losses
+
+    def contrastive(self, scale, z_img, z_txt):
+        """CLIP's symmetric cross-entropy; each row's own pair is the positive, every other row of
+        the (global) batch a negative, same-class rows included, as the authors."""
+        all_img, all_txt, offset = self.gather(z_img, z_txt) if self.gather else (z_img, z_txt, 0)
+        labels = torch.arange(z_img.shape[0], device=z_img.device) + offset
+        return (F.cross_entropy(scale * z_img @ all_txt.T, labels)
+                + F.cross_entropy(scale * z_txt @ all_img.T, labels)) / 2
