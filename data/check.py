@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from data.cached import cache_base, decodable
 from data.datasets import PHOTO
 from data.index import make_splits
 from data.loader import unreadable
@@ -57,7 +58,10 @@ def check_structure(splits):
     return report
 
 
-def decode_problems(rows, report, progress=True):
+def decode_problems(rows, report, progress=True, cache=False):
+    """Decode every image, except those a fresh image cache holds (they decoded when cached)."""
+    cached = decodable(rows, cache_base(cache)[0])
+    rows = [(root, r) for root, r in rows if (root, r["img_path"]) not in cached]
     for root, r in tqdm(rows, desc="decoding images", disable=not progress, dynamic_ncols=True):
         problem = unreadable(root / r["img_path"])
         if problem:
@@ -72,7 +76,7 @@ def check_dataset(dcfg, decode=True, progress=True, need_test=True):
     report = check_structure(splits)
     report.counts = {"train": count(splits.train), "val": count(splits.val), "test": count(splits.test)}
     if decode:
-        decode_problems(splits.train + splits.val + splits.test, report, progress)
+        decode_problems(splits.train + splits.val + splits.test, report, progress, dcfg.get("cache", False))
     return report
 
 

@@ -63,3 +63,19 @@ def make_loader(dataset, batch_size, num_workers, shuffle, seed=0, drop_last=Fal
                       sampler=sampler, num_workers=num_workers, collate_fn=collate,
                       drop_last=drop_last, generator=generator, pin_memory=torch.cuda.is_available(),
                       persistent_workers=num_workers > 0)
+
+
+def normalization(transform):
+    """The mean and std of the Normalize step of an (open_clip) transform."""
+    norm = next(t for t in getattr(transform, "transforms", [transform]) if type(t).__name__ == "Normalize")
+    return norm.mean, norm.std
+
+
+def model_input(images, transform):
+    """Model-ready images on their device: a cached uint8 batch [B, H, W, 3] is scaled and
+    normalised here exactly as `transform`'s ToTensor + Normalize would; float batches pass."""
+    if images.dtype != torch.uint8:
+        return images
+    mean, std = (torch.tensor(v, dtype=torch.float32, device=images.device)[:, None, None]
+                 for v in normalization(transform))
+    return images.permute(0, 3, 1, 2).float().div(255).sub(mean).div(std).contiguous()

@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from data.check import check_structure
 from data.index import make_splits
-from data.loader import PromptTable, SketchPhotoDataset, collate
+from data.cached import image_dataset
+from data.loader import PromptTable, collate, model_input
 from model.backbone import build_model, loss_ratios
 from model.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from model.embed import embed_rows
@@ -140,7 +141,7 @@ def validate(model, rows, transform, tokenizer, cfg, device, info):
     mine = rows[info.rank::info.world_size]
     emb = embed_rows(model, mine, transform, tokenizer, batch_size=cfg.train.batch_size,
                      num_workers=cfg.train.num_workers, device=device, precision=cfg.train.precision,
-                     progress=False, with_converted=False)
+                     progress=False, with_converted=False, cache=cfg.dataset.get("cache", False))
     z = all_gather_cat(torch.from_numpy(emb["img"]).to(device)).cpu()
     meta = torch.tensor([[r["m1"], r["label"]] for _, r in mine], dtype=torch.long, device=device)
     meta = all_gather_cat(meta).cpu()
@@ -205,7 +206,8 @@ class Trainer:
         cfg, info = self.cfg, self.info
         prompts = PromptTable(self.splits.train, self.tokenizer)
         self.tokens = prompts.tokens.to(self.device)
-        dataset = SketchPhotoDataset(self.splits.train, transform, prompts)
+        dataset = image_dataset(self.splits.train, transform, prompts, cfg.dataset.get("cache", False),
+                                progress=info.is_main)
         self.sampler = ResumableSampler(dataset, int(cfg.seed), info.rank, info.world_size)
         self.loader = torch.utils.data.DataLoader(
             dataset, batch_size=int(cfg.train.batch_size), sampler=self.sampler,
@@ -300,7 +302,8 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with autocast(self.device, cfg.train.precision):
-            total, losses = self.net(batch["image"], self.tokens, batch["prompt_id"], batch["m1"],
+            images = model_input(batch["image"], self.eval_tf)  # cached uint8 batches are normalised here
+            total, losses = self.net(images, self.tokens, batch["prompt_id"], batch["m1"],
                                      batch["m2"], self.ratios, self.gather)
         finite = torch.isfinite(total.detach()).float()
         if self.info.enabled:  # every rank skips or stops together, or DDP would hang
