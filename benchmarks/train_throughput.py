@@ -4,8 +4,10 @@ the data loader's images/s beside it so the bottleneck is visible.
 GPU: python -m benchmarks.train_throughput --backbone ViT-B-32 --batch-size 256 --precision bf16 --workers 8
 CPU: python -m benchmarks.train_throughput --backbone ma-tiny --batch-size 64 --workers 2 --device cpu
 
-The model step uses synthetic images at the backbone's input size (all losses, AdamW step);
-the loader runs on the demo dataset with the backbone's train transform.
+The model step uses synthetic images at the backbone's input size (all losses, AdamW step): float
+images as decoded from files, and uint8 images as read from the prepared cache, normalised in the
+step (data.loader.model_input). The loader runs on the demo dataset with the backbone's train
+transform, from the files and from the prepared cache (built first, in .cache/bench-train-cache).
 """
 import argparse
 import time
@@ -15,15 +17,17 @@ import torch
 from omegaconf import OmegaConf
 
 from benchmarks.loader import measure
+from data.cache import cache_ops, pixel_ops
+from data.cached import image_dataset
 from data.demo import DEFAULT_ROOT, generate
 from data.index import make_splits
-from data.loader import PromptTable, SketchPhotoDataset
+from data.loader import PromptTable, SketchPhotoDataset, model_input
 from model.backbone import build_model, loss_ratios
 from model.trainer import param_groups
 from utils.runtime import autocast, pick_device
 
 
-def step_rate(args, device, compiled):
+def step_rate(args, device, compiled, uint8=False):
     mcfg = OmegaConf.create(dict(backbone=args.backbone, pretrained=None, n_mode=4, temperature=2.6592,
                                  clip_loss_ratio=1.0, sem_loss_ratio=0.1, disc_loss_ratio=0.1,
                                  rec_loss_ratio=0.02, orth_loss_ratio=0.0))
@@ -35,6 +39,9 @@ def step_rate(args, device, compiled):
     size = open_clip.get_model_config(args.backbone)["vision_cfg"]["image_size"]
     b = args.batch_size
     images = torch.randn(b, 3, size, size, device=device)
+    if uint8:
+        images = torch.randint(0, 256, (b, size, size, 3), dtype=torch.uint8, device=device)
+    eval_tf = open_clip.image_transform(size, is_train=False)
     context = open_clip.get_model_config(args.backbone)["text_cfg"]["context_length"]
     tokens = torch.randint(1, 49000, (100, context), device=device)
     pid = torch.randint(0, 100, (b,), device=device)
@@ -44,7 +51,7 @@ def step_rate(args, device, compiled):
 
     def step():
         with autocast(device, args.precision):
-            total, _ = net(images, tokens, pid, m1, m2, ratios)
+            total, _ = net(model_input(images, eval_tf), tokens, pid, m1, m2, ratios)
         total.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -80,6 +87,9 @@ def main():
     print(f"{args.backbone}, batch {args.batch_size}, {args.precision if device.type == 'cuda' else 'fp32'}, {name}")
     eager, peak = step_rate(args, device, compiled=False)
     print(f"train step, eager:         {eager:9.1f} images/s, peak GPU memory {_gb(peak)}")
+    eager_u8, peak_u8 = step_rate(args, device, compiled=False, uint8=True)
+    print(f"train step, eager, uint8:  {eager_u8:9.1f} images/s, peak GPU memory {_gb(peak_u8)} "
+          f"({eager_u8 / eager:.2f}x float input; normalised in the step)")
     if not args.no_compile:
         comp, peak_c = step_rate(args, device, compiled=True)
         print(f"train step, torch.compile: {comp:9.1f} images/s, peak GPU memory {_gb(peak_c)} "
@@ -89,10 +99,19 @@ def main():
     splits = make_splits(OmegaConf.create(dict(train_idx=["demo"], test_idx=None, root=str(root),
                                                cls_ratio=1.0, csv={})), need_test=False)
     train_tf = open_clip.image_transform(size, is_train=True)
-    dataset = SketchPhotoDataset(splits.train, train_tf, PromptTable(splits.train, open_clip.get_tokenizer(args.backbone)))
+    prompts = PromptTable(splits.train, open_clip.get_tokenizer(args.backbone))
+    dataset = SketchPhotoDataset(splits.train, train_tf, prompts)
     loader_rate = measure(dataset, args.batch_size, args.workers, epochs=2)
     print(f"data loader, {args.workers} workers:  {loader_rate:9.1f} images/s "
           f"({'loader' if loader_rate < eager else 'model'} is the bottleneck)")
+    cached = image_dataset(splits.train, train_tf, prompts, str(CACHE_BASE), progress=False)
+    cache_rate = measure(cached, args.batch_size, args.workers, epochs=4)
+    print(f"cache loader, {args.workers} workers: {cache_rate:9.1f} images/s, augmenting crop from the "
+          f"{cache_ops(pixel_ops(train_tf)).transforms[0].size} px cache ({cache_rate / loader_rate:.1f}x files; "
+          f"{'loader' if cache_rate < eager else 'model'} is the bottleneck)")
+
+
+CACHE_BASE = DEFAULT_ROOT.parent / "bench-train-cache"
 
 
 def _gb(x):

@@ -41,7 +41,7 @@ class CachedDataset(Dataset):
     def __getitem__(self, i):
         a = self.pixels(i)
         if self.augment is not None:
-            a = np.asarray(self.augment(Image.fromarray(a[..., 0] if a.shape[2] == 1 else a).convert("RGB")))
+            a = np.array(self.augment(Image.fromarray(a[..., 0] if a.shape[2] == 1 else a).convert("RGB")))
         image = torch.from_numpy(a)
         if image.shape[2] == 1:
             image = image.expand(-1, -1, 3)

@@ -49,10 +49,21 @@ class SketchPhotoDataset(Dataset):
         return image, self.prompt_ids[i], r["m1"], r["m2"], r["label"], i
 
 
+def stack(tensors):
+    """torch.stack; inside a loader worker straight into shared memory, as PyTorch's default
+    collate does, so that sending the batch to the main process copies nothing."""
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        first = tensors[0]
+        storage = first._typed_storage()._new_shared(len(tensors) * first.numel(), device=first.device)
+        out = first.new(storage).resize_(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
+
+
 def collate(batch):
     images, prompt_ids, m1, m2, labels, idx = zip(*batch)
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)
-    return dict(image=torch.stack(images), prompt_id=as_long(prompt_ids), m1=as_long(m1),
+    return dict(image=stack(images), prompt_id=as_long(prompt_ids), m1=as_long(m1),
                 m2=as_long(m2), label=as_long(labels), index=as_long(idx))
 
 
@@ -78,4 +89,4 @@ def model_input(images, transform):
         return images
     mean, std = (torch.tensor(v, dtype=torch.float32, device=images.device)[:, None, None]
                  for v in normalization(transform))
-    return images.permute(0, 3, 1, 2).float().div(255).sub(mean).div(std).contiguous()
+    return images.permute(0, 3, 1, 2).contiguous().float().div_(255).sub_(mean).div_(std)
