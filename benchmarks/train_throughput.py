@@ -44,7 +44,7 @@ def step_rate(args, device, compiled, uint8=False, fused=False, loader=None, cou
     b = args.batch_size
     images = torch.randn(b, 3, size, size, device=device)
     if uint8:
-        images = torch.randint(0, 256, (b, size, size, 3), dtype=torch.uint8, device=device)
+        images = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, device=device)
     eval_tf = open_clip.image_transform(size, is_train=False)
     context = open_clip.get_model_config(args.backbone)["text_cfg"]["context_length"]
     tokens = torch.randint(1, 49000, (100, context), device=device)

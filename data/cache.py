@@ -6,7 +6,8 @@ python -m data.cache dataset=<name> [dataset.root...] [model=...]    builds or r
 
 Layout: <base>/<root name>-<root hash>/<geometry>-<hash>/ holds cache.json (version, dataset root,
 geometry) and, per image folder (at most SHARD_IMAGES images a shard), <shard>.u8 with the pixels
-of its images back to back (H x W x 1 for grey images, x 3 for colour) and <shard>.json: the
+of its images back to back, channels first (1 x H x W for grey images, 3 x H x W for colour:
+planes copy into a batch as whole rows) and <shard>.json: the
 images' names, their file size and mtime at build time, each image's offset and channels, the
 shard's byte size, CRC-32 and file stat. A shard is used only when all of that still matches;
 otherwise (an image changed, added or removed, a shard damaged or cut short) that shard alone is
@@ -140,13 +141,14 @@ def write_shard(job):
                 raise UserError(f"{Path(root) / folder / name}: the cache's pixel steps gave {a.shape[:2]} "
                                 f"pixels, not {tuple(shape)}; use dataset.cache=false for this model.")
             shape = list(a.shape[:2])
-            if (a[..., 0] == a[..., 1]).all() and (a[..., 0] == a[..., 2]).all():
-                a = a[..., :1]   # a grey image (a sketch): one channel holds it exactly
+            a = a.transpose(2, 0, 1)
+            if (a[0] == a[1]).all() and (a[0] == a[2]).all():
+                a = a[:1]   # a grey image (a sketch): one channel holds it exactly
             data = np.ascontiguousarray(a).tobytes()
             f.write(data)
             crc = zlib.crc32(data, crc)
             offsets.append(offset)
-            channels.append(a.shape[2])
+            channels.append(a.shape[0])
             offset += len(data)
     return dict(folder=folder, names=names, stats=stats, offsets=offsets, channels=channels,
                 hw=shape, nbytes=offset, crc=crc, file_stat=stat_of(directory / f"{shard}.u8"))
@@ -168,25 +170,31 @@ class ImageCache:
     def header(self):
         return dict(version=VERSION, root=str(self.root.resolve()), geometry=self.key)
 
-    def check(self, rels, verify=False):
-        """Which shards for these images are fresh (kept in self.shards) and which are stale."""
-        plan, stale = shard_plan(rels), {}
+    def load(self, rels, verify=False):
+        """Keep (in self.shards) the fresh shards of the folders these images are in, whichever
+        set of images each was built for."""
         header = self.read_json(self.dir / "cache.json")
-        if header is not None and header != self.header():
+        if header is None:
+            return
+        if header != self.header():
             log.warning(f"image cache {self.dir} was built for {header.get('geometry')!r} "
                         f"(version {header.get('version')}), not {self.key!r}: not used.")
-            header = None
-        for shard, (folder, names) in plan.items():
-            side = self.read_json(self.dir / f"{shard}.json") if header else None
-            stats = file_stats(self.root, folder, names)
-            if side is not None and self._fresh(shard, side, folder, names, stats, verify):
-                self.shards[shard] = side
-            else:
-                stale[shard] = (folder, names, stats)
-        return stale
+            return
+        folders = {rel.rpartition("/")[0] for rel in rels}
+        for path in sorted(self.dir.glob("*.json")):
+            side = self.read_json(path) if path.name != "cache.json" else None
+            if side is not None and side.get("folder") in folders and self._fresh(path.stem, side, verify):
+                self.shards[path.stem] = side
 
-    def _fresh(self, shard, side, folder, names, stats, verify):
-        if side.get("folder") != folder or side.get("names") != names or side.get("stats") != stats:
+    def check(self, rels, verify=False):
+        """Load the fresh shards; returns the stale part of these images' shard plan."""
+        self.load(rels, verify)
+        return {shard: (folder, names, file_stats(self.root, folder, names))
+                for shard, (folder, names) in shard_plan(rels).items()
+                if self.shards.get(shard, {}).get("names") != names}
+
+    def _fresh(self, shard, side, verify):
+        if file_stats(self.root, side["folder"], side["names"]) != side["stats"]:
             return False
         path = self.dir / f"{shard}.u8"
         try:

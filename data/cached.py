@@ -1,6 +1,7 @@
-"""Datasets that read the prepared image cache (data/cache.py): uint8 H x W x 3 images, scaled and
+"""Datasets that read the prepared image cache (data/cache.py): uint8 3 x H x W images, scaled and
 normalised later on the device (data.loader.model_input); images the cache does not hold are
 decoded from their files with the same pixel steps, so a batch is uniform either way."""
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ class CachedDataset(Dataset):
     def __init__(self, rows, prompts, tables, stored_ops, augment=None):
         self.rows = rows
         self.prompt_ids = [prompts.id_of[r["text"]] for _, r in rows]
-        self.where = [tables[root].get(r["img_path"]) for root, r in rows]
+        self.where = [tables[str(root)].get(r["img_path"]) for root, r in rows]
         self.stored_ops, self.augment = stored_ops, augment
         self.maps = {}
         self.cached = sum(w is not None for w in self.where)
@@ -32,29 +33,30 @@ class CachedDataset(Dataset):
         where = self.where[i]
         if where is None:
             root, r = self.rows[i]
-            return decode(Path(root) / r["img_path"], self.stored_ops)
+            return torch.from_numpy(decode(Path(root) / r["img_path"], self.stored_ops)).permute(2, 0, 1)
         path, offset, h, w, c = where
         if path not in self.maps:  # opened lazily, so each loader worker maps its own
-            self.maps[path] = np.memmap(path, dtype=np.uint8, mode="c")
-        return self.maps[path][offset:offset + h * w * c].reshape(h, w, c)
+            with open(path, "rb") as f:
+                self.maps[path] = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+        return self.maps[path][offset:offset + h * w * c].view(c, h, w)
 
     def __getitem__(self, i):
-        a = self.pixels(i)
+        image = self.pixels(i)
         if self.augment is not None:
-            a = np.array(self.augment(Image.fromarray(a[..., 0] if a.shape[2] == 1 else a).convert("RGB")))
-        image = torch.from_numpy(a)
-        if image.shape[2] == 1:
-            image = image.expand(-1, -1, 3)
+            pil = Image.fromarray(image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy())
+            image = torch.from_numpy(np.array(self.augment(pil.convert("RGB")))).permute(2, 0, 1)
+        if image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
         _, r = self.rows[i]
         return image, self.prompt_ids[i], r["m1"], r["m2"], r["label"], i
 
 
-def _all_ranks(rels):
-    """Under DDP every rank plans the shards of all ranks' images, so the shards agree."""
+def _all_ranks(pairs):
+    """Under DDP the (root, image) pairs of every rank, so that rank 0 builds the shards of all."""
     if not (dist.is_available() and dist.is_initialized()):
-        return rels
+        return pairs
     parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, sorted(set(rels)))
+    dist.all_gather_object(parts, sorted(set(pairs)))
     return sorted(set().union(*parts))
 
 
@@ -72,21 +74,21 @@ def image_dataset(rows, transform, prompts, setting=False, progress=True):
     base, build = cache_base(setting)
     ops = pixel_ops(transform)
     stored = cache_ops(ops)
+    pairs = [(str(root), r["img_path"]) for root, r in rows]
     by_root = {}
-    for root, r in rows:
-        by_root.setdefault(root, []).append(r["img_path"])
+    for root, rel in _all_ranks(pairs) if build else pairs:
+        by_root.setdefault(root, []).append(rel)
     distributed = dist.is_available() and dist.is_initialized()
     main = not distributed or dist.get_rank() == 0
     tables = {}
     for root, rels in by_root.items():
         cache = ImageCache.at(base, root, stored)
-        rels = _all_ranks(rels)
         if build and main:
             cache.build(rels, progress=progress)
         if build and distributed:
             dist.barrier()  # the other ranks wait for rank 0's build
         if not (build and main) and cache.dir.is_dir():
-            cache.check(rels)
+            cache.load(rels)
         tables[root] = cache.table()
     if not any(tables.values()):
         return SketchPhotoDataset(rows, transform, prompts)
@@ -103,6 +105,6 @@ def decodable(rows, base=DEFAULT_BASE):
         for header in sorted(root_dir(base, root).glob("*/cache.json")):
             key = (ImageCache.read_json(header) or {}).get("geometry")
             cache = ImageCache(root, header.parent, key)
-            cache.check(rels)
+            cache.load(rels)
             ok.update((root, rel) for rel in cache.table())
     return ok

@@ -83,10 +83,10 @@ def normalization(transform):
 
 
 def model_input(images, transform):
-    """Model-ready images on their device: a cached uint8 batch [B, H, W, 3] is scaled and
+    """Model-ready images on their device: a cached uint8 batch [B, 3, H, W] is scaled and
     normalised here exactly as `transform`'s ToTensor + Normalize would; float batches pass."""
     if images.dtype != torch.uint8:
         return images
     mean, std = (torch.tensor(v, dtype=torch.float32, device=images.device)[:, None, None]
                  for v in normalization(transform))
-    return images.permute(0, 3, 1, 2).contiguous().float().div_(255).sub_(mean).div_(std)
+    return images.float().div_(255).sub_(mean).div_(std)

@@ -41,7 +41,7 @@ def built(tmp_path, root, ops=pixel_ops(EVAL_TF)):
 
 def cached_pixels(cache, rel):
     path, offset, h, w, c = cache.table()[rel]
-    return np.fromfile(path, dtype=np.uint8)[offset:offset + h * w * c].reshape(h, w, c)
+    return np.fromfile(path, dtype=np.uint8)[offset:offset + h * w * c].reshape(c, h, w).transpose(1, 2, 0)
 
 
 def test_training_from_the_cache_gives_the_weights_of_training_from_files(tmp_path, tiny_train_cfg, small_root):
@@ -66,7 +66,7 @@ def test_cached_batches_normalise_exactly_as_the_file_transform(small_root, tmp_
     files = collate([SketchPhotoDataset(rows, EVAL_TF, prompts)[i] for i in range(len(rows))])
     ds = image_dataset(rows, EVAL_TF, prompts, str(tmp_path / "c"), progress=False)
     cached = collate([ds[i] for i in range(len(rows))])
-    assert cached["image"].dtype == torch.uint8 and cached["image"].shape == (len(rows), 64, 64, 3)
+    assert cached["image"].dtype == torch.uint8 and cached["image"].shape == (len(rows), 3, 64, 64)
     torch.testing.assert_close(model_input(cached["image"], EVAL_TF), files["image"], atol=1e-6, rtol=0)
     assert any(w[4] == 1 for w in ds.where) and any(w[4] == 3 for w in ds.where)  # grey sketches: 1 channel
 
@@ -163,7 +163,7 @@ def test_augmented_training_reads_a_larger_cache(small_root, tmp_path, capsys):
     assert isinstance(ds, SketchPhotoDataset)   # dataset.cache=false, and no cache in the default place
     ds = image_dataset(rows, train_tf, PromptTable(rows, lambda t: None), str(tmp_path / "c"), progress=False)
     assert isinstance(ds, CachedDataset) and ds.cached == len(rows) and ds.augment is not None
-    assert ds[0][0].shape == (64, 64, 3) and ds[0][0].dtype == torch.uint8
+    assert ds[0][0].shape == (3, 64, 64) and ds[0][0].dtype == torch.uint8
     assert cache_ops(pixel_ops(train_tf)).transforms[0].size == 73
 
 
