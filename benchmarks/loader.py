@@ -9,9 +9,11 @@ side (Sketchy / TU-Berlin photos), `--per-kind` of each. From files: decode + op
 transform (short side to the input size, centre crop, to tensor, normalise) in the workers. From
 the cache: uint8 crops read from memory-mapped shards; the batch is normalised on the device
 (timed here on the CPU too, in the main process, as the last column). The first batch (worker
-start-up) is not timed; the cache is built before timing (its build rate is printed).
+start-up) is not timed; the cache is built before timing (its build rate is printed), and the
+disk size and decode rate of the alternatives (JPEG or PNG shards of the same crops) are printed.
 """
 import argparse
+import io
 import os
 import shutil
 import time
@@ -134,6 +136,32 @@ def main():
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
+def format_report(cache, n=200):
+    """What a compressed shard would cost: decoding the cached crops re-encoded as JPEG (quality 95)
+    or PNG, per image, against reading the raw planes (one core)."""
+    table = list(cache.table().values())[:: max(1, len(cache.table()) // n)]
+    planes = [np.fromfile(path, dtype=np.uint8, count=h * w * c, offset=off).reshape(c, h, w)
+              for path, off, h, w, c in table]
+    images = [Image.fromarray(p[0] if p.shape[0] == 1 else p.transpose(1, 2, 0)) for p in planes]
+    for fmt, kwargs in (("JPEG", dict(quality=95)), ("PNG", {})):
+        blobs = []
+        for im in images:
+            buf = io.BytesIO()
+            im.save(buf, fmt, **kwargs)
+            blobs.append(buf.getvalue())
+        t0 = time.perf_counter()
+        for blob in blobs:
+            np.asarray(Image.open(io.BytesIO(blob)).convert("RGB"))
+        per = (time.perf_counter() - t0) / len(blobs)
+        size = sum(map(len, blobs)) / len(blobs)
+        print(f"format: {fmt} shards would hold {size / 1e3:.1f} kB per image ({size * 1e5 / 1e9:.1f} GB per 100k) "
+              f"and decode at {1 / per:.0f} images/s per core")
+    t0 = time.perf_counter()
+    for p in planes:
+        torch.from_numpy(p).expand(3, -1, -1).clone()
+    print(f"format: raw planes (this cache) copy at {len(planes) / (time.perf_counter() - t0):.0f} images/s per core")
+
+
 def disk_report(rows, transform, base):
     """Bytes on disk per 100k images of each kind (shard sizes as stored)."""
     cache = ImageCache.at(base, rows[0][0], cache_ops(pixel_ops(transform)))
@@ -147,6 +175,7 @@ def disk_report(rows, transform, base):
         print(f"disk: {kind}: {b / n / 1e3:.1f} kB per image, {b / n * 1e5 / 1e9:.1f} GB per 100k images")
     src = sum((rows[0][0] / r["img_path"]).stat().st_size for _, r in rows)
     print(f"disk: source files {src / len(rows) / 1e3:.1f} kB per image on average")
+    format_report(cache)
 
 
 if __name__ == "__main__":
