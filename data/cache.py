@@ -7,9 +7,8 @@ python -m data.cache dataset=<name> [dataset.root...] [model=...]    builds or r
 Layout: <base>/<root name>-<root hash>/<geometry>-<hash>/ holds cache.json (version, dataset root,
 geometry) and, per image folder (at most SHARD_IMAGES images a shard), <shard>.u8 with the pixels
 of its images back to back, channels first (1 x H x W for grey images, 3 x H x W for colour:
-planes copy into a batch as whole rows) and <shard>.json: the
-images' names, their file size and mtime at build time, each image's offset and channels, the
-shard's byte size, CRC-32 and file stat. A shard is used only when all of that still matches;
+planes copy into a batch as whole rows) and <shard>.json: the images' names, their file size and
+mtime at build time, each image's offset and channels, the shard's byte size, CRC-32 and file stat. A shard is used only when all of that still matches;
 otherwise (an image changed, added or removed, a shard damaged or cut short) that shard alone is
 rebuilt. Shards and sidecars are written to a temporary file and renamed, sidecar last, so a
 crash or a full disk never leaves a shard that a later run reads.
@@ -235,10 +234,12 @@ class ImageCache:
                     save_json(side, self.dir / f"{shard}.json")
                     self.shards[shard] = side
                     bar.update(len(side["names"]))
-        except OSError as e:
+        except (OSError, UserError) as e:
             for shard in stale:  # the half-written shards of workers stopped mid-write
                 for tmp in self.dir.glob(f".{shard}.u8.*.tmp"):
                     tmp.unlink(missing_ok=True)
+            if isinstance(e, UserError):  # an unreadable image, named
+                raise
             raise UserError(f"could not write the image cache in {self.dir}: {e}. Free disk space or make "
                             f"the folder writable, or point dataset.cache at another folder "
                             f"(dataset.cache=/path/with/room); dataset.cache=false reads the image files.") from None
@@ -262,6 +263,7 @@ def main(argv):
     """Build (or refresh and fully verify) the cache for every split of a dataset config."""
     from hydra import compose, initialize_config_dir
 
+    from data.cached import cache_base
     from data.index import make_splits
     from model.backbone import build_model
     from utils.runtime import setup_logging
@@ -272,8 +274,7 @@ def main(argv):
         cfg = compose(config_name="config-train", overrides=argv)
     _, train_tf, eval_tf, _ = build_model(cfg.model)
     splits = make_splits(cfg.dataset)
-    setting_value = cfg.dataset.get("cache")
-    base = Path(setting_value) if isinstance(setting_value, str) else DEFAULT_BASE
+    base = cache_base(cfg.dataset.get("cache", False))[0]
     wanted = [(eval_tf, splits.train + splits.val + splits.test)]
     if cfg.dataset.get("augment", True):
         wanted.append((train_tf, splits.train))

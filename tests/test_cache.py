@@ -181,3 +181,11 @@ def test_data_check_does_not_decode_cached_images_again(small_root, tmp_path, mo
     decoded.clear()
     check.check_dataset(dcfg, progress=False)
     assert sorted(Path(p) for p in decoded) == sorted(changed.parent.iterdir())  # that image's shard only
+
+
+def test_an_unreadable_image_while_caching_is_named(small_root, tmp_path):
+    bad = small_root / rels_of(small_root)[2]
+    bad.write_bytes(b"not an image")
+    with pytest.raises(UserError, match=f"cannot read image {bad}.*python -m data.check"):
+        built(tmp_path, small_root)
+    assert not list((tmp_path / "cache").rglob("*.tmp"))
