@@ -38,17 +38,20 @@ def test_slurm_and_submitit_layouts_become_torchrun_variables():
 
 
 def test_init_distributed_joins_the_group_a_slurm_job_describes(monkeypatch):
-    joined = []
+    joined, before = [], os.environ.get("WORLD_SIZE")
     monkeypatch.setattr(ud.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(ud.dist, "init_process_group", lambda backend: joined.append(
         (backend, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])))
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        monkeypatch.setenv(key, "")   # recorded, so that what init_distributed exports is undone
+        monkeypatch.delenv(key)
     for key, value in SLURM.items():
         monkeypatch.setenv(key, value)
     info = ud.init_distributed("cpu")
     assert (info.rank, info.local_rank, info.world_size) == (11, 3, 16)
     assert joined == [("gloo", "gpu007", "24242")]
+    monkeypatch.undo()
+    assert os.environ.get("WORLD_SIZE") == before   # later tests train in this process
 
 
 def test_submitit_local_sweep_of_two_process_trainings(tmp_path):
