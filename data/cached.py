@@ -36,8 +36,9 @@ class CachedDataset(Dataset):
             return torch.from_numpy(decode(Path(root) / r["img_path"], self.stored_ops)).permute(2, 0, 1)
         path, offset, h, w, c = where
         if path not in self.maps:  # opened lazily, so each loader worker maps its own
-            with open(path, "rb") as f:
-                self.maps[path] = torch.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=torch.uint8)
+            with open(path, "rb") as f:  # a private (copy-on-write) map: writable, the file untouched
+                pages = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            self.maps[path] = torch.frombuffer(pages, dtype=torch.uint8)
         return self.maps[path][offset:offset + h * w * c].view(c, h, w)
 
     def __getitem__(self, i):
