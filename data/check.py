@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
+from data.cached import cache_base, decodable
 from data.datasets import PHOTO
 from data.index import make_splits, validation_problem
 from data.loader import unreadable
@@ -72,8 +73,11 @@ def check_before_training(splits, n_mode):
                         f"n_mode must be at least {used + 1}.")
 
 
-def decode_problems(rows, report, max_pixels, progress=True):
-    """Decode every image in full (JPEGs at reduced scale): truncation, foreign files, bombs."""
+def decode_problems(rows, report, max_pixels, progress=True, cache=False):
+    """Decode every image in full (JPEGs at reduced scale): truncation, foreign files, bombs;
+    except those a fresh image cache holds (they decoded when cached)."""
+    cached = decodable(rows, cache_base(cache)[0])
+    rows = [(root, r) for root, r in rows if (root, r["img_path"]) not in cached]
     for root, r in tqdm(rows, desc="decoding images", disable=not progress, dynamic_ncols=True):
         problem = unreadable(root / r["img_path"], max_pixels)
         if problem:
@@ -96,7 +100,8 @@ def check_dataset(dcfg, decode=True, progress=True, need_test=True, select="auto
         report.warnings.append(f"validation: {problem}; training selects best.pth as the last epoch")
     if decode:
         max_pixels = int(dcfg.get("max_image_pixels") or Image.MAX_IMAGE_PIXELS)
-        decode_problems(splits.train + splits.val + splits.test, report, max_pixels, progress)
+        decode_problems(splits.train + splits.val + splits.test, report, max_pixels, progress,
+                        dcfg.get("cache", False))
     return report
 
 

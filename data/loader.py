@@ -81,10 +81,21 @@ class SketchPhotoDataset(Dataset):
         return image, self.prompt_ids[i], r["m1"], r["m2"], r["label"], i
 
 
+def stack(tensors):
+    """torch.stack; inside a loader worker straight into shared memory, as PyTorch's default
+    collate does, so that sending the batch to the main process copies nothing."""
+    out = None
+    if torch.utils.data.get_worker_info() is not None:
+        first = tensors[0]
+        storage = first._typed_storage()._new_shared(len(tensors) * first.numel(), device=first.device)
+        out = first.new(storage).resize_(len(tensors), *first.shape)
+    return torch.stack(tensors, out=out)
+
+
 def collate(batch):
     images, prompt_ids, m1, m2, labels, idx = zip(*batch)
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)
-    return dict(image=torch.stack(images), prompt_id=as_long(prompt_ids), m1=as_long(m1),
+    return dict(image=stack(images), prompt_id=as_long(prompt_ids), m1=as_long(m1),
                 m2=as_long(m2), label=as_long(labels), index=as_long(idx))
 
 
@@ -95,3 +106,19 @@ def make_loader(dataset, batch_size, num_workers, shuffle, seed=0, drop_last=Fal
                       sampler=sampler, num_workers=num_workers, collate_fn=collate,
                       drop_last=drop_last, generator=generator, pin_memory=torch.cuda.is_available(),
                       persistent_workers=num_workers > 0)
+
+
+def normalization(transform):
+    """The mean and std of the Normalize step of an (open_clip) transform."""
+    norm = next(t for t in getattr(transform, "transforms", [transform]) if type(t).__name__ == "Normalize")
+    return norm.mean, norm.std
+
+
+def model_input(images, transform):
+    """Model-ready images on their device: a cached uint8 batch [B, 3, H, W] is scaled and
+    normalised here exactly as `transform`'s ToTensor + Normalize would; float batches pass."""
+    if images.dtype != torch.uint8:
+        return images
+    mean, std = (torch.tensor(v, dtype=torch.float32, device=images.device)[:, None, None]
+                 for v in normalization(transform))
+    return images.float().div_(255).sub_(mean).div_(std)

@@ -4,25 +4,27 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.loader import PromptTable, SketchPhotoDataset, make_loader
+from data.cached import image_dataset
+from data.loader import PromptTable, make_loader, model_input
 from utils.runtime import autocast
 
 
 @torch.no_grad()
 def embed_rows(model, rows, transform, tokenizer, batch_size, num_workers, device, precision="bf16",
-               progress=True, with_converted=True):
-    """Returns dict img [N,d], txt [N,d] and (optionally) converted [N,2,n_mode,d] as numpy."""
+               progress=True, with_converted=True, cache=False):
+    """Returns dict img [N,d], txt [N,d] and (optionally) converted [N,2,n_mode,d] as numpy.
+    `cache`: the dataset.cache setting (data/cached.py)."""
     model.eval()
     prompts = PromptTable(rows, tokenizer)
     with autocast(device, precision):
         z_prompt = torch.cat([model.encode_text(prompts.tokens[s:s + 1024].to(device))
                               for s in range(0, len(prompts.texts), 1024)]).float()
-    dataset = SketchPhotoDataset(rows, transform, prompts)
+    dataset = image_dataset(rows, transform, prompts, cache, progress)
     loader = make_loader(dataset, batch_size, num_workers, shuffle=False)
     img, txt, conv = [], [], []
     for batch in tqdm(loader, desc="embedding", disable=not progress, dynamic_ncols=True):
         with autocast(device, precision):
-            z_img = model.encode_image(batch["image"].to(device, non_blocking=True)).float()
+            z_img = model.encode_image(model_input(batch["image"].to(device, non_blocking=True), transform)).float()
         z_txt = z_prompt[batch["prompt_id"].to(device)]
         img.append(z_img.cpu())
         txt.append(z_txt.cpu())

@@ -96,7 +96,8 @@ def infer(cfg, given=()):
              f"with {run.checkpoint(cfg.mode)} on {device}, {info.world_size} process(es)")
     pairs = list(zip(roots, rows))
     emb = embed_rows(model, pairs[info.rank::info.world_size], eval_tf, tokenizer, int(cfg.batch_size),
-                     int(cfg.num_workers), device, cfg.precision, progress=info.is_main)
+                     int(cfg.num_workers), device, cfg.precision, progress=info.is_main,
+                     cache=dcfg.get("cache", False))
     if info.enabled:
         emb = gather_shards(emb, len(rows), info, device)
         cleanup_distributed()

@@ -11,7 +11,8 @@ from tqdm import tqdm
 
 from data.check import check_before_training
 from data.index import make_splits, validation_problem
-from data.loader import PromptTable, SketchPhotoDataset, collate
+from data.cached import image_dataset
+from data.loader import PromptTable, collate, model_input
 from data.sampler import ResumableSampler
 from model.backbone import build_model, loss_ratios
 from model.loss import ModalityAwareLoss
@@ -111,8 +112,8 @@ class Trainer:
         cfg, info = self.cfg, self.info
         prompts = PromptTable(self.splits.train, self.tokenizer)
         self.tokens = prompts.tokens.to(self.device)
-        self.dataset = SketchPhotoDataset(self.splits.train, transform, prompts,
-                                          int(cfg.dataset.max_image_pixels), seed=int(cfg.seed))
+        self.dataset = image_dataset(self.splits.train, transform, prompts, cfg.dataset.cache, info.is_main,
+                                     int(cfg.dataset.max_image_pixels), seed=int(cfg.seed))
         self.sampler = ResumableSampler(self.dataset, int(cfg.seed), info.rank, info.world_size,
                                         shuffle=bool(cfg.train.shuffle))
         self.loader = torch.utils.data.DataLoader(
@@ -219,8 +220,8 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with autocast(self.device, cfg.train.precision):
-            total, losses = self.net(batch["image"], self.tokens, batch["prompt_id"], batch["m1"],
-                                     batch["m2"], self.loss)
+            images = model_input(batch["image"], self.eval_tf)  # cached uint8 batches are normalised here
+            total, losses = self.net(images, self.tokens, batch["prompt_id"], batch["m1"], batch["m2"], self.loss)
         finite = torch.isfinite(total.detach()).float()
         if self.info.enabled:  # every rank skips or stops together, or DDP would hang
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)

@@ -15,7 +15,7 @@ def validation_map(model, rows, transform, tokenizer, cfg, device, info):
     mine = rows[info.rank::info.world_size]
     emb = embed_rows(model, mine, transform, tokenizer, batch_size=cfg.train.batch_size,
                      num_workers=cfg.train.num_workers, device=device, precision=cfg.train.precision,
-                     progress=False, with_converted=False)
+                     progress=False, with_converted=False, cache=cfg.dataset.cache)
     z = all_gather_cat(torch.from_numpy(emb["img"]).to(device)).cpu()
     meta = torch.tensor([[r["m1"], r["label"]] for _, r in mine], dtype=torch.long, device=device)
     meta = all_gather_cat(meta).cpu()

@@ -1,4 +1,4 @@
-"""torch.distributed set-up for torchrun, and the feature gather of the contrastive loss."""
+"""torch.distributed set-up for torchrun, SLURM and submitit, and the feature gather of the contrastive loss."""
 import os
 import warnings
 from dataclasses import dataclass
@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn
 
+from utils.cluster import export_cluster_env
 from utils.runtime import UserError, pick_device
 
 
@@ -33,7 +34,9 @@ class DistInfo:
 def init_distributed(device="auto"):
     """Join the process group torchrun describes in the environment; a no-op without it.
     `device` is the run's device setting: NCCL with one GPU per process when it means CUDA
-    (auto with a GPU present, cuda, cuda:<i>), gloo for CPU processes."""
+    (auto with a GPU present, cuda, cuda:<i>), gloo for CPU processes. SLURM and submitit
+    jobs are read as torchrun's (utils/cluster.py)."""
+    export_cluster_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
