@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.loader import open_image
-from utils.io import atomic_path, save_json
+from utils.io import DiskFullError, atomic_path, save_json
 from utils.runtime import UserError, log
 
 VERSION = 1
@@ -234,7 +234,7 @@ class ImageCache:
             for shard in stale:  # the half-written shards of workers stopped mid-write
                 for tmp in self.dir.glob(f".{shard}.u8.*.tmp"):
                     tmp.unlink(missing_ok=True)
-            if isinstance(e, UserError):  # an unreadable image, named
+            if isinstance(e, UserError) and not isinstance(e, DiskFullError):  # an unreadable image, named
                 raise
             raise UserError(f"could not write the image cache in {self.dir}: {e}. Free disk space or make "
                             f"the folder writable, or point dataset.cache at another folder "

@@ -310,7 +310,8 @@ class Trainer:
             save_checkpoint(state, path)
         except UserError as e:
             other = [p for p in (self.run.last, self.run.best) if p != path and p.is_file()]
-            raise UserError(f"{e}" + (f" {other[0]} is intact too." if other else "")) from None
+            raise UserError(f"{e}" + (f" {other[0]} is intact too." if other else "")
+                            + f" Then continue with python train.py resume={self.run.path}.") from None
 
 
 def train(cfg, run_dir, given=()):

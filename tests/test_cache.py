@@ -18,6 +18,9 @@ from data.cached import CachedDataset, image_dataset
 from data.demo import generate
 from data.loader import PromptTable, SketchPhotoDataset, collate, model_input
 from model.trainer import Trainer
+from utils.config import prepare
+from utils.distributed import DistInfo
+from utils.run_folder import RunFolder
 from utils.runtime import UserError
 
 EVAL_TF = open_clip.image_transform(64, is_train=False)
@@ -44,12 +47,17 @@ def cached_pixels(cache, rel):
     return np.fromfile(path, dtype=np.uint8)[offset:offset + h * w * c].reshape(c, h, w).transpose(1, 2, 0)
 
 
+def trainer(cfg, run):
+    """A Trainer as train() builds it on one process."""
+    return Trainer(prepare(cfg, "train"), RunFolder(run).claim(), DistInfo())
+
+
 def test_training_from_the_cache_gives_the_weights_of_training_from_files(tmp_path, tiny_train_cfg, small_root):
     small = ("dataset.augment=false", f"dataset.root={small_root}", "train.batch_size=16")
-    files = Trainer(tiny_train_cfg(*small), tmp_path / "files")
+    files = trainer(tiny_train_cfg(*small), tmp_path / "files")
     assert isinstance(files.loader.dataset, SketchPhotoDataset)
     files.fit()
-    cached = Trainer(tiny_train_cfg(*small, f"dataset.cache={tmp_path / 'c'}"), tmp_path / "cached")
+    cached = trainer(tiny_train_cfg(*small, f"dataset.cache={tmp_path / 'c'}"), tmp_path / "cached")
     assert isinstance(cached.loader.dataset, CachedDataset)
     assert cached.loader.dataset.cached == len(cached.loader.dataset) > 0
     cached.fit()
@@ -57,7 +65,7 @@ def test_training_from_the_cache_gives_the_weights_of_training_from_files(tmp_pa
     a, b = load(tmp_path / "files"), load(tmp_path / "cached")
     for name, value in a["model"].items():
         torch.testing.assert_close(b["model"][name], value, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
-    assert a["history"][0]["val_map"] == pytest.approx(b["history"][0]["val_map"], abs=1e-6)
+    assert a["history"][0]["score"] == pytest.approx(b["history"][0]["score"], abs=1e-6)
 
 
 def test_cached_batches_normalise_exactly_as_the_file_transform(small_root, tmp_path):
@@ -171,7 +179,7 @@ def test_data_check_does_not_decode_cached_images_again(small_root, tmp_path, mo
     dcfg = OmegaConf.create(dict(train_idx=["demo"], test_idx="demo", root=str(small_root), cls_ratio=1.0,
                                  csv={}, cache=str(tmp_path / "c")))
     decoded = []
-    monkeypatch.setattr(check, "unreadable", lambda path: decoded.append(path))
+    monkeypatch.setattr(check, "unreadable", lambda path, max_pixels: decoded.append(path))
     check.check_dataset(dcfg, progress=False)
     assert len(decoded) == len(rels_of(small_root))
     rows = [(small_root, dict(img_path=r)) for r in rels_of(small_root)]

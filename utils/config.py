@@ -212,6 +212,7 @@ TRAIN_RULES = {
     "dataset.split_seed": integer(0, 2**32 - 1), "dataset.augment": boolean,
     "dataset.on_bad_image": one_of("error", "skip"), "dataset.max_image_pixels": integer(1, optional=True),
     "dataset.split": text(optional=True), "dataset.unseen_file": text(optional=True),
+    "dataset.cache": lambda v: None if isinstance(v, (bool, str)) and v != "" else "true, false or a folder",
     "logger.wandb.mode": one_of("online", "offline", "disabled"),
 }
 INFER_RULES = {

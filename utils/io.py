@@ -15,6 +15,10 @@ import torch
 from utils.runtime import UserError
 
 
+class DiskFullError(UserError):
+    pass
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path in the target's folder; on success rename it over `path`. Stale
@@ -32,9 +36,9 @@ def atomic_path(path):
         os.replace(tmp, path)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise UserError(f"no space left on the device while writing {path}; nothing was replaced: "
-                            f"{'the previous ' + path.name + ' is intact' if path.exists() else 'no file was written'}. "
-                            f"Free some space (df -h {path.parent}) and run again (train.py resume=<run>).") from None
+            raise DiskFullError(f"no space left on the device ({e.strerror}) while writing {path}; nothing was "
+                                f"replaced: {'the previous ' + path.name + ' is intact' if path.exists() else 'no file was written'}. "
+                                f"Free some space (df -h {path.parent}) and run again.") from None
         raise
     finally:
         if os.path.exists(tmp):
