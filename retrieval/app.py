@@ -73,7 +73,7 @@ def build_app(searcher, k=10, query_mode="converted", save_queries=None):
                 with gr.Tabs():
                     with gr.Tab("Draw") as draw_tab:
                         drawing = gr.Sketchpad(label="Drawing", type="pil", image_mode="RGB",
-                                               canvas_size=(512, 512), elem_id="canvas")
+                                               canvas_size=(512, 512), layers=False, elem_id="canvas")
                     with gr.Tab("Upload a sketch") as upload_tab:
                         upload = gr.Image(label="Sketch", type="pil", image_mode="RGBA", sources=["upload"])
                     with gr.Tab("Words") as words_tab:
