@@ -178,11 +178,12 @@ def update_index(model, transform, device, folder, root, checkpoint_path, batch_
     identity = checkpoint_identity(checkpoint_path)
     stored = load_index(folder, root)
     if stored is not None and stored.checkpoint == identity and _up_to_date(stored, found):
-        return stored
+        return _finish(stored)
     with index_lock(folder, root):
         stored = load_index(folder, root)  # another process may have finished meanwhile
         paths, stats, vectors, skipped = _current(stored, found, identity)
-        todo = [p for p in found if p not in set(paths) and p not in skipped]
+        done = set(paths) | set(skipped)
+        todo = [p for p in found if p not in done]
         g = Gallery(root, folder, identity, paths, stats, vectors, skipped)
         if todo:
             _embed(g, todo, found, model, transform, device, batch_size, num_workers, precision,

@@ -156,16 +156,19 @@ def test_unreadable_images_are_skipped_counted_and_listed(run, gallery, tmp_path
     assert "top 10 of 24 photos" in out
 
 
-@pytest.mark.parametrize("case, message", [
-    ("not_image", "is not an image that can be read"),
-    ("blank", "blank .*draw something first"),
-    ("no_images", "holds no images"),
-    ("all_unreadable", "none of the 1 images under gallery folder .* could be read"),
-    ("no_checkpoint", "holds no trained model: train first"),
-    ("both", "give exactly one query"),
-    ("bad_mode", "unknown query_mode='sideways'"),
-])
-def test_bad_input_gets_one_clear_message(case, message, run, gallery, tmp_path):
+BAD_INPUT = {
+    "not_image": "is not an image that can be read",
+    "blank": "blank .*draw something first",
+    "no_images": "holds no images",
+    "all_unreadable": "none of the 1 images under gallery folder .* could be read",
+    "no_checkpoint": "holds no trained model: train first",
+    "both": "give exactly one query",
+    "bad_mode": "unknown query_mode='sideways'",
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_gets_one_clear_message(case, run, gallery, tmp_path):
     query = gallery / "kite" / sorted(os.listdir(gallery / "kite"))[0]
     args = [f"query={query}", f"out={tmp_path / 'out'}"]
     path, folder = run, gallery
@@ -189,7 +192,7 @@ def test_bad_input_gets_one_clear_message(case, message, run, gallery, tmp_path)
         args.append("text=kite")
     elif case == "bad_mode":
         args.append("query_mode=sideways")
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(UserError, match=BAD_INPUT[case]):
         search(search_cfg(path, folder, *args))
 
 
