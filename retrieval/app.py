@@ -73,7 +73,8 @@ def build_app(searcher, k=10, query_mode="converted", save_queries=None):
                 with gr.Tabs():
                     with gr.Tab("Draw") as draw_tab:
                         drawing = gr.Sketchpad(label="Drawing", type="pil", image_mode="RGB",
-                                               canvas_size=(512, 512), layers=False, elem_id="canvas")
+                                               canvas_size=(512, 512), layers=False, elem_id="canvas",
+                                               brush=gr.Brush(default_size=8, colors=["#000000"], color_mode="fixed"))
                     with gr.Tab("Upload a sketch") as upload_tab:
                         upload = gr.Image(label="Sketch", type="pil", image_mode="RGBA", sources=["upload"])
                     with gr.Tab("Words") as words_tab:
@@ -83,7 +84,7 @@ def build_app(searcher, k=10, query_mode="converted", save_queries=None):
                 k_slider = gr.Slider(1, min(100, len(g.paths)), value=min(k, len(g.paths)), step=1, label="Results")
                 button = gr.Button("Search", variant="primary", elem_id="search")
             with gr.Column(scale=2):
-                results = gr.Gallery(label="Results", columns=5, height="auto", elem_id="results")
+                results = gr.Gallery(label="Results", columns=5, height=340, elem_id="results")
                 status = gr.Markdown(elem_id="status")
         for tab, name in ((draw_tab, "draw"), (upload_tab, "upload"), (words_tab, "words")):
             tab.select(lambda name=name: name, None, source, api_visibility="private")
