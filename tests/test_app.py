@@ -107,3 +107,13 @@ def test_gradio_client_words_upload_and_empty_canvas(app, demo_root):
 
     with pytest.raises(Exception, match="draw something first"):
         client.predict("draw", None, None, "", "converted", K, api_name="/search")
+
+
+def test_make_app_without_a_demo_run_says_to_run_make_demo(tmp_path):
+    for name in ("Makefile", "requirements.txt", "requirements-test.txt", "requirements-app.txt"):
+        (tmp_path / name).write_bytes((REPO / name).read_bytes())
+    (tmp_path / ".venv").mkdir()
+    (tmp_path / ".venv" / ".installed").touch()  # installed: make goes straight to the app recipe
+    proc = subprocess.run(["make", "-s", "app"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "error: no trained demo run under outputs/demo/: run make demo first" in proc.stderr
