@@ -3,12 +3,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install check-data bench clean
+.PHONY: demo test install check-data bench clean app
 
-$(STAMP): requirements.txt requirements-test.txt
+$(STAMP): requirements.txt requirements-test.txt requirements-app.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-test.txt
+	$(PY) -m pip install -q --no-deps -r requirements-app.txt
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -20,6 +21,17 @@ demo: $(STAMP)
 	$(PY) train.py dataset=demo model=tiny hydra.run.dir=$(DEMO_RUN)
 	$(PY) infer.py path=$(DEMO_RUN)
 	$(PY) evaluate.py path=$(DEMO_RUN)
+
+PORT ?= 7860
+
+# The search app on the newest `make demo` run, over the demo photos of all classes.
+app: $(STAMP)
+	@ckpt=$$(ls -1 outputs/demo/*/model/best.pth 2>/dev/null | sort | tail -n 1); \
+	if [ -z "$$ckpt" ]; then echo "error: no trained demo run under outputs/demo/: run make demo first" >&2; exit 1; fi; \
+	run=$$(dirname $$(dirname $$ckpt)); \
+	$(PY) -m data.demo && \
+	echo "run $$run; open http://127.0.0.1:$(PORT) in a browser (Ctrl-C stops)" && \
+	$(PY) app.py path=$$run gallery=.cache/demo/photo port=$(PORT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -1,0 +1,108 @@
+"""The search web app: draw on a canvas, upload a sketch or type words, press Search, see the
+top-k photos of a gallery with their scores. Served by gradio on 127.0.0.1 only."""
+import os
+from pathlib import Path
+
+from retrieval.search import QUERY_MODES, Searcher
+from utils.io import atomic_path
+from utils.runtime import UserError, setup_logging
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves this machine
+import gradio as gr  # noqa: E402
+
+HOST = "127.0.0.1"
+SOURCES = ("draw", "upload", "words")
+
+
+def _query_image(source, drawing, upload):
+    if source == "draw":
+        if drawing is None or drawing.get("composite") is None:
+            raise UserError("the canvas is empty: draw something first.")
+        return drawing["composite"]
+    if upload is None:
+        raise UserError("no sketch uploaded: upload an image first (or draw one).")
+    return upload
+
+
+def make_handler(searcher, save_queries=None):
+    """The function behind the Search button: (source, drawing, upload, text, query_mode, k) ->
+    (gallery items, status markdown)."""
+    def run(source, drawing, upload, text, query_mode, k):
+        try:
+            if source not in SOURCES:
+                raise UserError(f"unknown query source {source!r}; use one of {list(SOURCES)}.")
+            if source == "words":
+                vector, what = searcher.embed_text(text, query_mode), f'words "{text.strip()}"'
+            else:
+                image = _query_image(source, drawing, upload)
+                vector = searcher.embed_image(image, "sketch", query_mode)
+                what = "your drawing" if source == "draw" else "the uploaded sketch"
+                if save_queries:
+                    with atomic_path(Path(save_queries) / "last-query.png") as tmp:
+                        image.save(tmp, format="PNG")
+            hits = searcher.search(vector, int(k))
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+        items = [(str(h.file), f"{h.rank}. {h.score:.3f}  {h.path}") for h in hits]
+        return items, _status(searcher, what, query_mode, hits)
+    return run
+
+
+def _status(searcher, what, query_mode, hits):
+    g = searcher.gallery
+    lines = [f"Top {len(hits)} of {len(g.paths)} photos under `{g.root}` for {what} ({query_mode} query).", "",
+             "| rank | score | photo |", "|---:|---:|---|"]
+    lines += [f"| {h.rank} | {h.score:.4f} | `{h.path}` |" for h in hits]
+    if g.skipped:
+        lines += ["", f"**{len(g.skipped)} unreadable image(s) skipped:** "
+                  + ", ".join(f"`{p}`" for p in list(g.skipped)[:20]) + (" ..." if len(g.skipped) > 20 else "")]
+    return "\n".join(lines)
+
+
+def build_app(searcher, k=10, query_mode="converted", save_queries=None):
+    g = searcher.gallery
+    intro = (f"# Sketch-based photo search\nDraw something (or upload a sketch, or type words) and press "
+             f"**Search** to find it among the {len(g.paths)} photos under `{g.root}`.")
+    if g.skipped:
+        intro += f"\n\n{len(g.skipped)} unreadable image(s) in the folder were skipped."
+    with gr.Blocks(title="ma-sbir search") as demo:
+        gr.Markdown(intro)
+        source = gr.Textbox(value="draw", visible=False, label="source")
+        with gr.Row():
+            with gr.Column(scale=1):
+                with gr.Tabs():
+                    with gr.Tab("Draw") as draw_tab:
+                        drawing = gr.Sketchpad(label="Drawing", type="pil", image_mode="RGB",
+                                               canvas_size=(512, 512), layers=False, elem_id="canvas",
+                                               brush=gr.Brush(default_size=8, colors=["#000000"], color_mode="fixed"))
+                    with gr.Tab("Upload a sketch") as upload_tab:
+                        upload = gr.Image(label="Sketch", type="pil", image_mode="RGBA", sources=["upload"])
+                    with gr.Tab("Words") as words_tab:
+                        text = gr.Textbox(label="Words", placeholder="a bicycle")
+                query_mode = gr.Radio(list(QUERY_MODES), value=query_mode, label="Query",
+                                      info="converted moves the query into the photo mode (the paper's method)")
+                k_slider = gr.Slider(1, min(100, len(g.paths)), value=min(k, len(g.paths)), step=1, label="Results")
+                button = gr.Button("Search", variant="primary", elem_id="search")
+            with gr.Column(scale=2):
+                results = gr.Gallery(label="Results", columns=5, height=340, elem_id="results")
+                status = gr.Markdown(elem_id="status")
+        for tab, name in ((draw_tab, "draw"), (upload_tab, "upload"), (words_tab, "words")):
+            tab.select(lambda name=name: name, None, source, api_visibility="private")
+        button.click(make_handler(searcher, save_queries), [source, drawing, upload, text, query_mode, k_slider],
+                     [results, status], api_name="search")
+        text.submit(make_handler(searcher, save_queries), [source, drawing, upload, text, query_mode, k_slider],
+                    [results, status], api_visibility="private")
+    return demo
+
+
+def serve(cfg, block=True):
+    """The app.py entry point: index the gallery (if needed), then serve on 127.0.0.1:<port>."""
+    setup_logging()
+    searcher = Searcher(cfg)
+    demo = build_app(searcher, int(cfg.k), cfg.query_mode, cfg.get("save_queries"))
+    print(f"serving {len(searcher.gallery.paths)} photos of {searcher.gallery.root} at http://{HOST}:{cfg.port}",
+          flush=True)
+    demo.launch(server_name=HOST, server_port=int(cfg.port), allowed_paths=[str(Path(cfg.gallery).resolve())],
+                ssr_mode=False, prevent_thread_lock=not block, quiet=False, footer_links=["api"])
+    return demo
+
