@@ -30,3 +30,13 @@ def tiny_train_cfg(demo_root):
             "train.batch_size=32", "train.num_workers=0", "train.warmup_steps=2", "device=cpu",
             "logger.wandb.mode=disabled", "eval.chunk_size=64", *overrides])
     return make
+
+
+def folder_dataset(demo_root, data, classes=("apple", "star", "house", "moon", "kite", "sun"), unseen=("kite", "sun")):
+    """A user's own folder dataset (photo/<cls>, sketch/<cls>, unseen.txt) made of demo classes."""
+    import shutil
+    for sub in ("photo", "sketch"):
+        for cls in classes:
+            shutil.copytree(demo_root / sub / cls, data / sub / cls)
+    (data / "unseen.txt").write_text("".join(f"{c}\n" for c in unseen))
+    return data

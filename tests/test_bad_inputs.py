@@ -16,7 +16,7 @@ from data.loader import open_image, unreadable
 from model.inference import infer
 from model.trainer import train
 from retrieval.evaluate import evaluate
-from tests.conftest import REPO, compose_cfg
+from tests.conftest import REPO, compose_cfg, folder_dataset
 from tests.test_layouts import make_tree
 from utils.runtime import UserError
 
@@ -84,12 +84,7 @@ def test_data_check_reports_bombs_and_counts_every_split_when_training_is_empty(
 
 
 def test_a_loader_worker_error_is_one_line(tmp_path, demo_root):
-    import shutil
-    data = tmp_path / "d"
-    for sub in ("photo", "sketch"):
-        for cls in ("apple", "star", "house", "kite"):
-            shutil.copytree(demo_root / sub / cls, data / sub / cls)
-    (data / "unseen.txt").write_text("kite\n")
+    data = folder_dataset(demo_root, tmp_path / "d", ("apple", "star", "house", "kite"), ("kite",))
     bad = data / "photo" / "star" / sorted(p.name for p in (data / "photo" / "star").iterdir())[0]
     bad.write_bytes(b"broken")
     p = subprocess.run([sys.executable, "train.py", "dataset=folder", f"dataset.root={data}", "model=tiny",
@@ -123,13 +118,8 @@ def test_validation_on_too_few_classes_falls_back_to_last(tmp_path, tiny_train_c
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory, demo_root):
     """A tiny run on a folder dataset whose unseen.txt a user can edit afterwards."""
-    import shutil
     tmp = tmp_path_factory.mktemp("leak")
-    data = tmp / "data"
-    for sub in ("photo", "sketch"):
-        for cls in ("apple", "star", "house", "moon", "kite", "sun"):
-            shutil.copytree(demo_root / sub / cls, data / sub / cls)
-    (data / "unseen.txt").write_text("kite\nsun\n")
+    data = folder_dataset(demo_root, tmp / "data")
     run = tmp / "run"
     train(compose_cfg("config-train", ["dataset=folder", f"dataset.root={data}", "model=tiny", "train.epochs=1",
                                        "train.batch_size=16", "train.num_workers=0", "device=cpu",

@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from model.checkpoint import check_compatible
-from tests.conftest import REPO
+from tests.conftest import REPO, folder_dataset
 from utils.runtime import UserError
 
 
@@ -68,12 +68,7 @@ def test_infer_with_checkpoint_not_matching_its_config(tmp_path, demo_root):
 def test_folder_dataset_train_infer_evaluate_from_the_command_line(tmp_path, demo_root):
     """A user's own folder: after training, infer and evaluate need only path=<run>."""
     import json
-    import shutil
-    data = tmp_path / "mydata"
-    for sub in ("photo", "sketch"):
-        for cls in ("apple", "star", "house", "moon", "kite", "sun"):
-            shutil.copytree(demo_root / sub / cls, data / sub / cls)
-    (data / "unseen.txt").write_text("kite\nsun\n")
+    data = folder_dataset(demo_root, tmp_path / "mydata")
     run_dir = tmp_path / "run"
     p = run("train.py", "dataset=folder", f"dataset.root={data}", "model=tiny", "train.epochs=1",
             "train.batch_size=16", "train.num_workers=0", "dataset.cls_ratio=0.75", "device=cpu",
