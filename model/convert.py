@@ -20,7 +20,7 @@ from model.weights import load_clip_state
 from utils.config import prepare
 from utils.io import save_text, save_torch
 from utils.restricted_pickle import Dropped, is_torchscript, restricted_load
-from utils.run_folder import MARKER
+from utils.run_folder import RunFolder
 from utils.runtime import UserError, log, run_cli, setup_logging
 
 SETTING = Path(__file__).resolve().parent.parent / "setting"
@@ -133,9 +133,9 @@ def convert(src, out, overrides=()):
     try:
         save_torch(dict(model=model.state_dict(), config=OmegaConf.to_container(cfg, resolve=True),
                         epoch=epoch if isinstance(epoch, int) else None, converted_from=str(src.resolve())),
-                   out / "model" / f"{mode}.pth")
-        save_text(OmegaConf.to_yaml(cfg, resolve=True), out / "config.yaml")
-        (out / MARKER).touch()
+                   RunFolder(out).checkpoint(mode))
+        save_text(OmegaConf.to_yaml(cfg, resolve=True), RunFolder(out).config)
+        RunFolder(out).marker.touch()
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)

@@ -26,7 +26,7 @@ def find_output_folder(cfg):
     the only dataset folder there."""
     run = find_run(cfg.path)
     generalized = bool(cfg.eval.generalized)
-    base = run.path / "infer_output" / cfg.mode
+    base = run.infer_root(cfg.mode)
     test_idx = cfg.get("dataset", {}).get("test_idx")
     if test_idx is None and run.config.is_file():
         test_idx = OmegaConf.load(run.config).dataset.test_idx

@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from utils.io import atomic_path
+from utils.run_folder import RunFolder
 from utils.runtime import UserError, autocast, log
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
@@ -77,9 +78,9 @@ def index_folder(run_dir, root, cache_dir=None):
     root = Path(root).resolve()
     name = f"{root.name or 'root'}-{hashlib.sha1(str(root).encode()).hexdigest()[:10]}"
     run_dir = Path(run_dir).resolve()
-    index_parent = run_dir / "index"
+    index_parent = RunFolder(run_dir).index_dir
     if _writable(index_parent if index_parent.is_dir() else run_dir):
-        return run_dir / "index" / name
+        return index_parent / name
     cache = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE
     folder = cache / f"{run_dir.name}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:10]}" / name
     log.warning(f"run folder {run_dir} is read-only: the index of {root} is stored in {folder} instead.")

@@ -16,6 +16,7 @@ from model.checkpoint import load_checkpoint
 from retrieval.ann import gallery_ann, top_k
 from retrieval.gallery import index_folder, update_index
 from utils.io import save_text
+from utils.run_folder import RunFolder
 from utils.runtime import UserError, autocast, pick_device, setup_logging
 
 MODES = {"photo": 0, "sketch": 1, "text": 3}
@@ -65,7 +66,7 @@ class Searcher:
         run = Path(cfg.path)
         if not run.is_dir():
             raise UserError(f"run folder {run} does not exist; pass path=<the folder train.py wrote>.")
-        self.checkpoint = run / "model" / f"{cfg.mode}.pth"
+        self.checkpoint = RunFolder(run).checkpoint(cfg.mode)
         ckpt = load_checkpoint(self.checkpoint)
         train_cfg = OmegaConf.create(ckpt["config"])
         self.device = pick_device(cfg.device)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from utils.run_folder import RunFolder
+
 METRICS = ("mAP@all", "mAP@200", "p@100", "p@200")
 # The paper's zero-shot numbers (Lyou et al., WACV 2024, ViT-B/32), in percent, on its splits.
 PAPER = {("sketchy", "sketchy_21"): {"mAP@200": 69.1, "p@200": 75.5},
@@ -41,7 +43,7 @@ def rows_of(path):
     out = json.loads(path.read_text())
     run, meta = run_of(path), out.get("inference") or {}
     dataset = meta.get("dataset") or path.parent.name.removesuffix("-gzs")
-    config = OmegaConf.load(run / "config.yaml") if (run / "config.yaml").is_file() else None
+    config = OmegaConf.load(RunFolder(run).config) if RunFolder(run).config.is_file() else None
     split = (config.dataset.get("split") if config is not None else None) or DEFAULT_SPLIT.get(dataset, "")
     kind = "GZS" if out.get("generalized") else "ZS"
     if out.get("zero_shot") is False:

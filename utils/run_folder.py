@@ -46,8 +46,13 @@ class RunFolder:
     def checkpoint(self, mode):
         return self.model_dir / f"{mode}.pth"
 
+    def infer_root(self, mode):
+        return self.path / "infer_output" / mode
+
     def infer_output(self, mode, key, generalized=False):
-        return self.path / "infer_output" / mode / (f"{key}-gzs" if generalized else str(key))
+        return self.infer_root(mode) / (f"{key}-gzs" if generalized else str(key))
+
+    index_dir = property(lambda self: self.path / "index")  # search galleries (retrieval/gallery.py)
 
     def is_run(self):
         """A folder of this project: the marker, or (runs of earlier versions) config.yaml + model/."""
@@ -119,7 +124,7 @@ class RunFolder:
             return
         self.track(folder)
         hydra_cfg = HydraConfig.get()
-        save_text(OmegaConf.to_yaml(cfg), folder / "config.yaml")
+        save_text(OmegaConf.to_yaml(cfg), folder / self.config.name)
         save_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})), folder / "hydra.yaml")
         save_text(OmegaConf.to_yaml(hydra_cfg.overrides.task), folder / "overrides.yaml")
 
