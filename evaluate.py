@@ -2,7 +2,7 @@
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from retrieval.evaluate import evaluate
+from pipeline.evaluate import evaluate
 from utils.runtime import run_cli
 
 

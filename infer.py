@@ -2,7 +2,7 @@
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from model.inference import infer
+from pipeline.infer import infer
 from utils.runtime import run_cli
 
 

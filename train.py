@@ -4,7 +4,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from model.trainer import train
+from pipeline.train import train
 from utils.run_folder import made_by_this_process, remove_empty_run_folder, resume_config
 from utils.runtime import run_cli
 

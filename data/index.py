@@ -184,3 +184,24 @@ def make_splits(dcfg, need_test=True, need_train=True, allow_empty_train=False):
     if need_train and not train and not allow_empty_train:
         raise UserError("the training split is empty: check dataset.train_idx and the dataset root.")
     return Splits(train, val, test, train_classes, val_classes, test_index, indices)
+
+
+def class_overlap(train_cfg, classes):
+    """Test classes that the run trained or validated on (its config records them)."""
+    record = train_cfg.get("run") or {}
+    trained = {match_key(c) for c in list(record.get("train_classes") or []) + list(record.get("val_classes") or [])}
+    return sorted(c for c in classes if match_key(c) in trained)
+
+
+def check_zero_shot(train_cfg, classes, allow, where):
+    """Refuse test classes the run trained on, or (allow_class_overlap=true) name them."""
+    if not (train_cfg.get("run") or {}).get("train_classes"):
+        log.warning(f"{where}: the run records no training classes (trained by an older version); "
+                    f"the zero-shot split is not checked.")
+        return []
+    overlap = class_overlap(train_cfg, classes)
+    if overlap and not allow:
+        raise UserError(f"{where}: test class(es) {overlap} were training classes of this run, so the "
+                        f"scores would not be zero-shot. Fix the split (unseen.txt / dataset.split), or "
+                        f"pass allow_class_overlap=true to score them anyway (labelled in the results).")
+    return overlap

@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from model.backbone import build_model
-from model.trainer import train
+from pipeline.train import train
 from tests.conftest import compose_cfg
 from utils.io import save_torch
 

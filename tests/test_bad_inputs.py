@@ -13,9 +13,9 @@ from PIL import Image
 from data.check import check_dataset, format_report
 from data.index import make_splits, validation_problem
 from data.loader import open_image, unreadable
-from model.inference import infer
-from model.trainer import train
-from retrieval.evaluate import evaluate
+from pipeline.infer import infer
+from pipeline.train import train
+from pipeline.evaluate import evaluate
 from tests.conftest import REPO, compose_cfg, folder_dataset
 from tests.test_layouts import make_tree
 from utils.runtime import UserError

@@ -17,7 +17,7 @@ from data.cache import ImageCache, cache_ops, decode, pixel_ops
 from data.cached import CachedDataset, image_dataset
 from data.demo import generate
 from data.loader import PromptTable, SketchPhotoDataset, collate, model_input
-from model.trainer import Trainer
+from pipeline.train import Trainer
 from utils.config import prepare
 from utils.distributed import DistInfo
 from utils.run_folder import RunFolder

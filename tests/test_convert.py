@@ -16,8 +16,8 @@ from transformers import CLIPConfig, CLIPModel, get_constant_schedule_with_warmu
 from model.backbone import build_model, create_backbone
 from model.checkpoint import load_checkpoint
 from model.convert import convert, main
-from model.inference import infer
-from retrieval.evaluate import evaluate
+from pipeline.infer import infer
+from pipeline.evaluate import evaluate
 from tests.conftest import REPO, compose_cfg
 from utils.runtime import UserError, run_cli
 

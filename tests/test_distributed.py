@@ -93,8 +93,8 @@ def test_torchrun_training_writes_one_checkpoint(tmp_path, demo_root):
 
 
 def test_torchrun_sharded_inference_equals_one_process(tmp_path, demo_root):
-    from model.inference import infer
-    from model.trainer import train
+    from pipeline.infer import infer
+    from pipeline.train import train
     from tests.conftest import compose_cfg
     run = tmp_path / "run"
     train(compose_cfg("config-train", ["dataset=demo", "model=tiny", f"dataset.root={demo_root}",

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from model.inference import infer
-from model.trainer import train
-from retrieval.evaluate import evaluate
+from pipeline.infer import infer
+from pipeline.train import train
+from pipeline.evaluate import evaluate
 from tests.conftest import compose_cfg
 
 

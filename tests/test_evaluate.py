@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.evaluate import evaluate
+from pipeline.evaluate import evaluate
 from retrieval.metrics import retrieval_metrics, summarize
 from tests.conftest import compose_cfg
 from utils.io import save_csv

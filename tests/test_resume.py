@@ -5,7 +5,7 @@ import signal
 import pytest
 import torch
 
-from model.trainer import train
+from pipeline.train import train
 from utils.run_folder import resume_config
 from utils.runtime import UserError
 

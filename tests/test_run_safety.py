@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from model.trainer import train
+from pipeline.train import train
 from tests.conftest import REPO
 from utils.io import save_torch
 from utils.run_folder import MARKER, RunFolder, resume_config

@@ -3,7 +3,7 @@ paper's numbers beside the splits the paper used."""
 import csv
 import json
 
-from retrieval.evaluate import evaluate
+from pipeline.evaluate import evaluate
 from retrieval.table import main
 from tests.test_evaluate import eval_cfg, fake_output
 

@@ -7,7 +7,7 @@ import torch
 
 from utils import runtime
 from model.optim import lr_lambda
-from model.trainer import train
+from pipeline.train import train
 
 
 def test_gradient_accumulation_takes_one_step_per_accum_batches(tmp_path, tiny_train_cfg):
@@ -64,9 +64,9 @@ def test_warmup_then_constant_or_linear():
 def test_test_loss_selection_is_the_authors_and_is_labelled(tmp_path, tiny_train_cfg, monkeypatch):
     """train.select=test_loss keeps the epoch with the lowest weighted test-split loss (eval mode,
     fp32; ties go to the later epoch as in the authors' `<=`), and says so everywhere."""
-    import model.trainer as trainer_module
-    from model.inference import infer
-    from retrieval.evaluate import evaluate
+    import pipeline.train as trainer_module
+    from pipeline.infer import infer
+    from pipeline.evaluate import evaluate
     from tests.conftest import compose_cfg
     losses = iter([0.7, 0.5, 0.5, 0.9])
     monkeypatch.setattr(trainer_module, "split_loss", lambda *a, **k: next(losses))

@@ -1,4 +1,4 @@
-"""train(cfg, run_dir): the training loop of the modality-aware model."""
+"""The training pipeline: train(cfg, run_dir), the loop of the modality-aware model."""
 import math
 import os
 import time

@@ -1,4 +1,4 @@
-"""evaluate(cfg): metrics of an infer_output folder -> eval_result.json beside the logits."""
+"""The evaluation pipeline: evaluate(cfg), metrics of an infer_output folder -> eval_result.json beside it."""
 import csv
 import json
 import math
@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from data.datasets import PHOTO, SKETCH, output_key
-from model.inference import check_zero_shot
+from data.index import check_zero_shot
 from retrieval.metrics import per_class, retrieval_metrics, summarize
 from retrieval.report import write_report
 from utils.io import load_torch, save_json

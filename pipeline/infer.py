@@ -1,12 +1,12 @@
-"""infer(cfg): embeddings of a run's test split -> infer_output/<mode>/<dataset>/."""
+"""The inference pipeline: infer(cfg), embeddings of a run's test split -> infer_output/<mode>/<dataset>/."""
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from data.datasets import COLUMNS, match_key, output_key
-from data.index import make_splits
+from data.datasets import COLUMNS, output_key
+from data.index import check_zero_shot, make_splits
 from model.backbone import build_model
 from model.checkpoint import load_checkpoint
 from model.embed import embed_rows
@@ -27,27 +27,6 @@ def test_dataset_config(train_cfg, cfg):
         if over.get(key) is not None:
             dcfg[key] = over[key]
     return dcfg
-
-
-def class_overlap(train_cfg, classes):
-    """Test classes that the run trained or validated on (its config records them)."""
-    record = train_cfg.get("run") or {}
-    trained = {match_key(c) for c in list(record.get("train_classes") or []) + list(record.get("val_classes") or [])}
-    return sorted(c for c in classes if match_key(c) in trained)
-
-
-def check_zero_shot(train_cfg, classes, allow, where):
-    """Refuse test classes the run trained on, or (allow_class_overlap=true) name them."""
-    if not (train_cfg.get("run") or {}).get("train_classes"):
-        log.warning(f"{where}: the run records no training classes (trained by an older version); "
-                    f"the zero-shot split is not checked.")
-        return []
-    overlap = class_overlap(train_cfg, classes)
-    if overlap and not allow:
-        raise UserError(f"{where}: test class(es) {overlap} were training classes of this run, so the "
-                        f"scores would not be zero-shot. Fix the split (unseen.txt / dataset.split), or "
-                        f"pass allow_class_overlap=true to score them anyway (labelled in the results).")
-    return overlap
 
 
 def gather_shards(emb, n, info, device):
