@@ -124,15 +124,25 @@ def format_report(report):
 def main(argv):
     from hydra import compose, initialize_config_dir
 
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return 0
     setting = Path(__file__).resolve().parent.parent / "setting"
     overrides = [a for a in argv if not a.startswith("check.")]
     opts = OmegaConf.from_dotlist([a for a in argv if a.startswith("check.")]).get("check", {})
-    with initialize_config_dir(config_dir=str(setting), version_base="1.3"):
-        cfg = compose(config_name="config-train", overrides=overrides)
-    report = check_dataset(cfg.dataset, decode=bool(opts.get("decode", True)), select=cfg.train.select)
+    unknown = sorted(set(opts) - {"decode"})
+    if unknown or not isinstance(opts.get("decode", True), bool):
+        raise UserError(f"check options {argv}: the only one is check.decode=true|false.")
+    try:
+        with initialize_config_dir(config_dir=str(setting), version_base="1.3"):
+            cfg = compose(config_name="config-train", overrides=overrides)
+    except Exception as e:  # Hydra's parse and composition errors
+        raise UserError(f"config overrides {overrides}: {str(e).splitlines()[0]}") from None
+    report = check_dataset(cfg.dataset, decode=opts.get("decode", True), select=cfg.train.select)
     print(format_report(report))
     return 1 if report.errors else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from utils.runtime import run_cli
+    sys.exit(run_cli(main, sys.argv[1:]))

@@ -10,10 +10,13 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from utils.runtime import UserError, run_cli
 
 VERSION = 1
 SIZE = 64
@@ -166,8 +169,24 @@ def generate(root=DEFAULT_ROOT, n_photo=40, n_sketch=40, seed=0):
     meta_file = root / "demo.json"
     if meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
         return root
-    tmp = root.with_name(root.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if root.exists() and not meta_file.is_file() and (not root.is_dir() or any(root.iterdir())):
+        raise UserError(f"{root} is not empty and holds no demo dataset (no demo.json); the demo is never "
+                        f"written over other files. Give dataset.root a new or empty folder, or leave it "
+                        f"unset for .cache/demo.")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+    try:
+        draw_all(tmp, n_photo, n_sketch, seed, meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if root.exists():  # an empty folder, or an older demo dataset (it has demo.json)
+        shutil.rmtree(root)
+    os.replace(tmp, root)
+    return root
+
+
+def draw_all(tmp, n_photo, n_sketch, seed, meta):
     for k, cls in enumerate(sorted(SHAPES)):
         rng = np.random.default_rng([seed, k])
         for sub, n, draw, ext in (("photo", n_photo, draw_photo, "jpg"),
@@ -178,9 +197,6 @@ def generate(root=DEFAULT_ROOT, n_photo=40, n_sketch=40, seed=0):
                 draw(cls, rng).save(folder / f"{cls}_{i:03d}.{ext}", quality=92)
     (tmp / "unseen.txt").write_text("".join(c + "\n" for c in UNSEEN))
     (tmp / "demo.json").write_text(json.dumps(meta))
-    shutil.rmtree(root, ignore_errors=True)
-    os.replace(tmp, root)
-    return root
 
 
 def main():
@@ -189,7 +205,7 @@ def main():
     ap.add_argument("--n-photo", type=int, default=40)
     ap.add_argument("--n-sketch", type=int, default=40)
     args = ap.parse_args()
-    root = generate(args.root, args.n_photo, args.n_sketch)
+    root = run_cli(generate, args.root, args.n_photo, args.n_sketch)
     print(f"demo dataset ready at {root}")
 
 

@@ -1,4 +1,5 @@
 """The inference pipeline: infer(cfg), embeddings of a run's test split -> infer_output/<mode>/<dataset>/."""
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from utils.run_folder import find_run
 from utils.runtime import UserError, log, setup_logging
 
 INDEX_COLUMNS = COLUMNS + ["split"]
+STALE_RESULTS = ("eval_result.json", "report.html", "report_grid.png", "report_images")
 
 
 def test_dataset_config(train_cfg, cfg):
@@ -83,6 +85,13 @@ def infer(cfg, given=()):
         if not info.is_main:
             return None
     out = run.infer_output(cfg.mode, output_key(dcfg.test_idx), generalized)
+    for stale in STALE_RESULTS:  # results of the embeddings about to be replaced
+        path = out / stale
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+            log.info(f"removed {path}: it scored the previous embeddings; run evaluate.py again")
     save_torch(torch.from_numpy(emb["img"]), out / "img_logits.pt")
     save_torch(torch.from_numpy(emb["txt"]), out / "txt_logits.pt")
     save_torch(torch.from_numpy(emb["converted"]), out / "converted_logits.pt")

@@ -1,6 +1,7 @@
 """The training pipeline: train(cfg, run_dir), the loop of the modality-aware model."""
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass, field
 
@@ -165,7 +166,8 @@ class Trainer:
         self.progress = Progress(ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"], ckpt["best"],
                                  list(ckpt["history"]), ckpt.get("wandb_id"))
         set_rng_state(ckpt["rng"])
-        log.info(f"resumed from {self.run.last} at epoch {self.progress.epoch}, step {self.progress.step}")
+        p = self.progress
+        log.info(f"resumed from {self.run.last}: epoch {p.epoch + 1}, after batch {p.batch_in_epoch} of it, step {p.step}")
 
     def fit(self):
         with StopRequested() as stop:
@@ -322,12 +324,29 @@ def train(cfg, run_dir, given=()):
     run = RunFolder(run_dir)
     if info.is_main:
         run.claim(resume=bool(cfg.get("resume")))
+    previous = _sigterm_handler(_exit_on_sigterm)  # until fit() takes SIGTERM over
     try:
-        return Trainer(cfg, run, info).fit()
+        trainer = Trainer(cfg, run, info)
+        _sigterm_handler(previous)
+        return trainer.fit()
     except BaseException:
         if info.is_main and not run.has_checkpoint():
             setup_logging(None)  # release train.log
             run.discard_failed_start()
         raise
     finally:
+        _sigterm_handler(previous)
         run.release()
+
+
+def _sigterm_handler(handler):
+    """Install a SIGTERM handler and return the previous one (None off the main thread)."""
+    try:
+        return signal.signal(signal.SIGTERM, handler) if handler is not None else None
+    except ValueError:  # not the main thread: signals are the main thread's
+        return None
+
+
+def _exit_on_sigterm(signum, frame):
+    """SIGTERM while a run is being set up: an exception, so that the failed start is cleaned up."""
+    raise SystemExit(128 + signum)

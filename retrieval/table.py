@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from utils.run_folder import RunFolder
+from utils.runtime import UserError, run_cli
 
 METRICS = ("mAP@all", "mAP@200", "p@100", "p@200")
 # The paper's zero-shot numbers (Lyou et al., WACV 2024, ViT-B/32), in percent, on its splits.
@@ -40,7 +41,12 @@ def run_of(result_path):
 
 
 def rows_of(path):
-    out = json.loads(path.read_text())
+    try:
+        out = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path} is not readable JSON ({e}); re-run evaluate.py for that run.") from None
+    if not isinstance(out, dict) or not all(m in out for m in METRICS):
+        raise UserError(f"{path} is not an eval_result.json of evaluate.py (no {list(METRICS)}).")
     run, meta = run_of(path), out.get("inference") or {}
     dataset = meta.get("dataset") or path.parent.name.removesuffix("-gzs")
     config = OmegaConf.load(RunFolder(run).config) if RunFolder(run).config.is_file() else None
@@ -81,6 +87,8 @@ def main(argv=None):
     parser.add_argument("paths", nargs="+", help="run folders, eval_result.json files or glob patterns")
     parser.add_argument("--csv", default="results_table.csv", help="CSV file to write (default %(default)s)")
     args = parser.parse_args(argv)
+    if Path(args.csv).is_dir():
+        raise UserError(f"--csv {args.csv} is a folder; give a file name, e.g. --csv {Path(args.csv) / 'results.csv'}.")
     files = result_files(args.paths)
     if not files:
         print(f"error: no eval_result.json under {args.paths}; run evaluate.py path=<run> first.", file=sys.stderr)
@@ -99,4 +107,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -226,3 +226,35 @@ def test_the_folder_root_hint_names_the_key_that_exists(monkeypatch):
     assert "dataset.root.folder" not in str(err.value)
     with pytest.raises(UserError, match=r"Pass dataset.root.sketchy=/path/to/data"):
         resolve_root("sketchy", {"sketchy": None})
+
+
+def test_infer_again_removes_the_results_of_the_embeddings_it_replaces(folder_run):
+    run, _ = folder_run
+    out = infer(compose_cfg("config-infer", [f"path={run}", "device=cpu", "num_workers=0"]))
+    evaluate(compose_cfg("config-eval", [f"path={run}", "eval.device=cpu", "eval.report.enabled=false"]))
+    assert (out / "eval_result.json").is_file()
+    infer(compose_cfg("config-infer", [f"path={run}", "device=cpu", "num_workers=0"]))
+    assert not (out / "eval_result.json").exists()
+
+
+def test_evaluate_on_a_folder_that_is_no_run(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="is not a run folder of train.py"):
+        evaluate(compose_cfg("config-eval", [f"path={tmp_path}", "eval.device=cpu"]))
+
+
+def test_table_and_check_refuse_bad_input_in_one_line(tmp_path, capsys):
+    from data.check import main as check_main
+    from retrieval.table import main as table_main
+    bad = tmp_path / "eval_result.json"
+    bad.write_text('{"mAP@all": [0.1')
+    with pytest.raises(UserError, match="is not readable JSON"):
+        table_main([str(bad)])
+    bad.write_text("[1, 2]")
+    with pytest.raises(UserError, match="is not an eval_result.json"):
+        table_main([str(bad)])
+    with pytest.raises(UserError, match="is a folder; give a file name"):
+        table_main([str(bad), "--csv", str(tmp_path)])
+    assert check_main(["--help"]) == 0 and "python -m data.check" in capsys.readouterr().out
+    with pytest.raises(UserError, match="check.decode=true|false"):
+        check_main(["dataset=demo", "check.decode=maybe"])

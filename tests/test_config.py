@@ -108,3 +108,8 @@ def test_fuzzed_overrides_validate_or_give_the_user_error(kind):
             assert str(e) and "\n" not in str(e), picks
         except Exception as e:  # pragma: no cover - the failure message names the overrides
             pytest.fail(f"{picks}: {type(e).__name__}: {e}")
+
+
+def test_keys_that_nothing_reads_are_refused():
+    with pytest.raises(UserError, match=r"foo is not a setting.*train.betas is not a setting"):
+        prepare(composed("train", "+train.betas=[0.5,0.6]", "+foo=1"), "train")

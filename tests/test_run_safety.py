@@ -155,3 +155,45 @@ def test_path_as_given_or_relative_to_outputs_as_the_authors(tmp_path, monkeypat
     assert find_run(tmp_path / "outputs" / "2024-05-10").path == tmp_path / "outputs" / "2024-05-10"
     with pytest.raises(UserError, match=r"run folder 2024-05-11 does not exist \(nor outputs/2024-05-11\)"):
         find_run("2024-05-11")
+
+
+def test_demo_data_is_never_written_over_a_users_folder(tmp_path):
+    from data.demo import generate
+    user = user_folder(tmp_path / "thesis")
+    with pytest.raises(UserError, match="is not empty and holds no demo dataset"):
+        generate(user, n_photo=2, n_sketch=2)
+    assert sorted(os.listdir(user)) == ["notes.txt"] and sorted(os.listdir(tmp_path)) == ["thesis"]
+
+
+def test_a_marker_that_is_a_link_is_refused_and_its_target_untouched(tmp_path):
+    target = tmp_path / "victim.txt"
+    target.write_text("precious")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / MARKER).symlink_to(target)
+    with pytest.raises(UserError, match="is not a plain file"):
+        RunFolder(tmp_path / "run").claim()
+    assert target.read_text() == "precious"
+
+
+def test_sigterm_while_a_run_is_set_up_leaves_nothing(tmp_path, tiny_train_cfg, monkeypatch):
+    import signal
+    from pipeline import train as pipeline_train
+    real = pipeline_train.build_optimizer
+
+    def killed_during_setup(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+    monkeypatch.setattr(pipeline_train, "build_optimizer", killed_during_setup)
+    with pytest.raises(SystemExit) as stop:
+        train(tiny_train_cfg(), tmp_path / "run")
+    assert stop.value.code == 128 + signal.SIGTERM and not (tmp_path / "run").exists()
+
+
+def test_resume_ignores_group_choices_and_names_a_broken_config(tmp_path, tiny_train_cfg):
+    run = tmp_path / "run"
+    train(tiny_train_cfg(), run)
+    cfg = resume_config(run, ["model=tiny", "dataset=demo", "train.epochs=2"])
+    assert cfg.model.backbone == "ma-tiny" and cfg.train.epochs == 2
+    (run / "config.yaml").write_text("garbage: [")
+    with pytest.raises(UserError, match=r"config.yaml does not parse .*Restore it from .hydra/config.yaml"):
+        resume_config(run, [])

@@ -248,10 +248,26 @@ def validate(cfg, kind):
             problems.append(f"{key}={_show(value)} must be {want}")
     if kind == "eval":
         problems += _protocol_problems(cfg)
+    if kind == "train":
+        problems += _unknown_train_keys(cfg)
     if problems:
         raise UserError("bad config value(s): " + "; ".join(problems) + ". Fix them on the command line "
                         "(key=value) or in setting/.")
     return cfg
+
+
+TRAIN_TOP = {"seed", "device", "resume", "train", "eval", "model", "dataset", "logger", "run"}
+
+
+def _unknown_train_keys(cfg):
+    """Keys added with `+` that nothing reads (`+train.betas=...`, `+foo=1`): refused, not ignored."""
+    known = {k for k in TRAIN_RULES if k.startswith(("train.", "eval."))}
+    unknown = sorted(k for k in cfg if k not in TRAIN_TOP)
+    for group in ("train", "eval"):
+        node = cfg.get(group)
+        if OmegaConf.is_dict(node):
+            unknown += sorted(f"{group}.{k}" for k in node if f"{group}.{k}" not in known)
+    return [f"{k} is not a setting (nothing reads it; see setting/config-train.yaml)" for k in unknown]
 
 
 def _show(v):

@@ -72,6 +72,9 @@ class RunFolder:
         (a fresh Hydra folder); resume needs a run folder of this project."""
         if self.path.exists() and not self.path.is_dir():
             raise UserError(f"run folder {self.path} is a file; choose a folder (hydra.run.dir=...).")
+        if self.marker.is_symlink() or (self.marker.exists() and not self.marker.is_file()):
+            raise UserError(f"{self.marker} is not a plain file (a link or a folder): this folder was not made "
+                            f"by train.py, and nothing in it is touched. Choose another folder.")
         if not resume and not self.is_run() and self.foreign_entries():
             shown = ", ".join(self.foreign_entries()[:5])
             raise UserError(
@@ -183,6 +186,9 @@ def find_run(path):
                     f"train.py wrote>, e.g. path=outputs/2026-11-25/12-00-00 or path=2026-11-25/12-00-00.")
 
 
+GROUPS = ("dataset", "model", "experiment", "hydra/launcher")
+
+
 def current_defaults():
     """This version's defaults of train.*, eval.*, logger.* and the dataset keys, for runs started by
     an older version that lack some of them."""
@@ -204,8 +210,18 @@ def resume_config(run_dir, overrides=()):
         raise UserError(f"cannot resume {run.path}: no such folder. Pass resume=<a run folder written by train.py>.")
     if not run.config.is_file():
         raise UserError(f"cannot resume: {run.config} does not exist. Pass resume=<a run folder written by train.py>.")
-    cfg = OmegaConf.merge(current_defaults(), OmegaConf.load(run.config))  # keys newer than the run
-    extra = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith("resume")]
+    try:
+        saved = OmegaConf.load(run.config)
+    except Exception as e:  # a config.yaml cut or edited by hand
+        raise UserError(f"cannot resume: {run.config} does not parse ({str(e).splitlines()[0]}). Restore it "
+                        f"from .hydra/config.yaml in the same folder, or start a new run.") from None
+    cfg = OmegaConf.merge(current_defaults(), saved)  # keys newer than the run
+    groups = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
+    if groups:
+        from utils.runtime import log
+        log.warning(f"resume keeps the run's own settings: {groups} ignored (config groups cannot change "
+                    f"on resume; single keys such as train.epochs=... can).")
+    extra = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith("resume") and o not in groups]
     if extra:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in extra]))
     cfg.resume = str(run.path)
