@@ -39,6 +39,8 @@ def test_infer_on_run_without_checkpoint(tmp_path):
 
 
 def test_evaluate_without_infer_output(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "config.yaml").write_text("dataset: {test_idx: 2}\n")
     p = run("evaluate.py", f"path={tmp_path}", "dataset.test_idx=2")
     assert p.returncode == 1 and "run `python infer.py" in p.stderr
 

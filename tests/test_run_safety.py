@@ -197,3 +197,16 @@ def test_resume_ignores_group_choices_and_names_a_broken_config(tmp_path, tiny_t
     (run / "config.yaml").write_text("garbage: [")
     with pytest.raises(UserError, match=r"config.yaml does not parse .*Restore it from .hydra/config.yaml"):
         resume_config(run, [])
+
+
+def test_run_or_sweep_folder_on_a_users_files_is_refused_before_hydra_writes(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("keep")
+    r = train_cli(*TINY, f"hydra.run.dir={afile}")
+    assert r.returncode == 1 and "is a file; choose a folder" in r.stderr and "Traceback" not in r.stderr
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text("mine")
+    r = train_cli("-m", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 1 and "which no sweep of this project wrote" in r.stderr
+    assert (sweep / "multirun.yaml").read_text() == "mine" and afile.read_text() == "keep"
