@@ -39,9 +39,9 @@ def find_output_folder(cfg):
         if len(found) > 1:
             raise UserError(f"{base} holds {len(found)} dataset folders {[p.name for p in found]}; "
                             f"choose one with dataset.test_idx=<index or name>.")
-    if not folder.is_dir() and not run.is_run():
-        raise UserError(f"{run.path} is not a run folder of train.py (no config.yaml and model/); pass "
-                        f"path=<the folder train.py wrote>.")
+    if not folder.is_dir() and not run.is_run() and not base.is_dir():
+        raise UserError(f"{run.path} is not a run folder of train.py (no config.yaml, model/ or infer_output/); "
+                        f"pass path=<the folder train.py wrote>, and run `python infer.py path=<run>` first.")
     if not folder.is_dir():
         extra = " dataset.generalized=true" if generalized else ""
         raise UserError(f"no inference output {folder}; run `python infer.py path={cfg.path} "

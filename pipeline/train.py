@@ -213,8 +213,10 @@ class Trainer:
         flag = torch.tensor(float(stop.signal or 0), device=self.device)
         if self.info.enabled:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        stop.signal = int(flag.item()) or None
-        return stop.signal is not None
+        agreed = int(flag.item())  # a signal caught during the all-reduce counts at the next boundary
+        if agreed and stop.signal is None:
+            stop.signal = agreed
+        return agreed != 0
 
     def train_batch(self, batch, boundary):
         """Forward, backward and (at an accumulation boundary) an optimiser step; None when the
