@@ -70,11 +70,21 @@ def photo(rng):
     return im
 
 
+def fresh_folder(folder):
+    """Empty a folder this benchmark made (it holds its marker) for a new set; never another one."""
+    marker = folder / ".made-by-benchmarks-loader"
+    if folder.exists() and any(folder.iterdir()) and not marker.is_file():
+        raise SystemExit(f"error: {folder} holds files this benchmark did not write; move them away first.")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    marker.write_text("")
+
+
 def generate_real_shaped(root, per_kind, seed=0):
     """The generated set (kept while --per-kind stays the same): relative image paths."""
     stamp = root / f"done-{per_kind}"
     if not stamp.is_file():
-        shutil.rmtree(root, ignore_errors=True)
+        fresh_folder(root)
         rng = np.random.default_rng(seed)
         for kind, (folder, ext) in KINDS.items():
             (root / folder).mkdir(parents=True, exist_ok=True)
@@ -117,7 +127,7 @@ def main():
                 for rel in generate_real_shaped(BENCH_ROOT, args.per_kind)]
     prompts = PromptTable(rows, open_clip.get_tokenizer("ViT-B-32"))
     cache_base = BENCH_ROOT.parent / "bench-loader-cache"
-    shutil.rmtree(cache_base, ignore_errors=True)
+    fresh_folder(cache_base)
     t0 = time.perf_counter()
     cached = image_dataset(rows, transform, prompts, str(cache_base), progress=False)
     build = len(rows) / (time.perf_counter() - t0)
