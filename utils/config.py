@@ -2,7 +2,7 @@
 every value's type and range validated before any work, with one clear error per bad value."""
 import math
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from utils.runtime import UserError
 
@@ -92,20 +92,8 @@ def _drop(cfg, dotted):
     *parents, leaf = dotted.split(".")
     node = OmegaConf.select(cfg, ".".join(parents)) if parents else cfg
     if node is not None and OmegaConf.is_dict(node) and leaf in node:
-        with _writable(node):
+        with open_dict(node):
             node.pop(leaf)
-
-
-class _writable:
-    def __init__(self, node):
-        self.node = node
-
-    def __enter__(self):
-        self.struct = OmegaConf.is_struct(self.node)
-        OmegaConf.set_struct(self.node, False)
-
-    def __exit__(self, *exc):
-        OmegaConf.set_struct(self.node, self.struct)
 
 
 # ---- value checks -------------------------------------------------------------------------------
