@@ -1,3 +1,4 @@
+# ma-sbir: install, test, demo, app (make test is what CI runs; see README).
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -4,6 +4,9 @@ from hydra.core.hydra_config import HydraConfig
 
 from pipeline.evaluate import evaluate
 from utils.runtime import run_cli
+from utils.schema import register
+
+register()  # the typed schemas the config files build on
 
 
 @hydra.main(version_base="1.3", config_path="setting", config_name="config-eval")

@@ -3,10 +3,14 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
 from pipeline.train import train
-from utils.run_folder import made_by_this_process, remove_empty_run_folder, resume_config
+from utils.run_folder import made_by_this_process, remove_empty_run_folder, remove_unused_sweep, resume_config
 from utils.runtime import run_cli
+from utils.schema import register
+
+register()  # the typed schemas the config files build on
 
 
 @hydra.main(version_base="1.3", config_path="setting", config_name="config-train")
@@ -21,6 +25,8 @@ def main(cfg):
     finally:
         if fresh:  # Hydra's folder, when the run failed to start or continued in its own folder
             remove_empty_run_folder(hydra_dir)
+            if HydraConfig.get().mode == RunMode.MULTIRUN and hydra_dir.parent.is_dir():
+                remove_unused_sweep(hydra_dir.parent)
 
 
 if __name__ == "__main__":

@@ -27,15 +27,14 @@ from model.backbone import build_model, loss_ratios
 from model.loss import ModalityAwareLoss
 from model.optim import param_groups
 from utils.runtime import autocast, pick_device
+from utils.schema import compose_config
 
 
 def step_rate(args, device, compiled, uint8=False, fused=False, loader=None, count=False):
     """Training images/s of the full step and the peak GPU memory. Synthetic float images (as
     decoded from files) or uint8 ones (as read from the cache, normalised in the step); with
     `loader`, its batches end to end. With `count`, instead the model FLOPs of one step per image."""
-    mcfg = OmegaConf.create(dict(backbone=args.backbone, pretrained=None, n_mode=4, temperature=2.6592,
-                                 clip_loss_ratio=1.0, sem_loss_ratio=0.1, disc_loss_ratio=0.1,
-                                 rec_loss_ratio=0.02, orth_loss_ratio=0.0))
+    mcfg = compose_config("config-train", ["model=tiny", f"model.backbone={args.backbone}"]).model
     torch.manual_seed(0)
     model, *_ = build_model(mcfg)
     model.to(device)

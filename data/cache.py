@@ -257,22 +257,19 @@ class ImageCache:
 
 def main(argv):
     """Build (or refresh and fully verify) the cache for every split of a dataset config."""
-    from hydra import compose, initialize_config_dir
-
     from data.cached import cache_base
     from data.index import make_splits
     from model.backbone import build_model
     from utils.runtime import setup_logging
+    from utils.schema import compose_config
 
     setup_logging()
-    setting = Path(__file__).resolve().parent.parent / "setting"
-    with initialize_config_dir(config_dir=str(setting), version_base="1.3"):
-        cfg = compose(config_name="config-train", overrides=argv)
+    cfg = compose_config("config-train", argv)
     _, train_tf, eval_tf, _ = build_model(cfg.model)
     splits = make_splits(cfg.dataset)
-    base = cache_base(cfg.dataset.get("cache", False))[0]
+    base = cache_base(cfg.dataset.cache)[0]
     wanted = [(eval_tf, splits.train + splits.val + splits.test)]
-    if cfg.dataset.get("augment", True):
+    if cfg.dataset.augment:
         wanted.append((train_tf, splits.train))
     for tf, rows in wanted:
         by_root = {}

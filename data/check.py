@@ -7,17 +7,17 @@ images, unexpected file extensions, paths leaving the root. Exit code 1 when the
 """
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from omegaconf import OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
 from data.cached import cache_base, decodable
-from data.datasets import PHOTO
+from data.layouts import PHOTO
 from data.index import make_splits, validation_problem
 from data.loader import unreadable
 from utils.runtime import UserError, log
+from utils.schema import dataset_defaults
 
 
 @dataclass
@@ -85,6 +85,7 @@ def decode_problems(rows, report, max_pixels, progress=True, cache=False):
 
 
 def check_dataset(dcfg, decode=True, progress=True, need_test=True, select="auto"):
+    dcfg = dataset_defaults(dcfg)
     try:
         splits = make_splits(dcfg, need_test=need_test, allow_empty_train=True)
     except UserError as e:
@@ -99,9 +100,8 @@ def check_dataset(dcfg, decode=True, progress=True, need_test=True, select="auto
     elif problem and splits.val_classes:
         report.warnings.append(f"validation: {problem}; training selects best.pth as the last epoch")
     if decode:
-        max_pixels = int(dcfg.get("max_image_pixels") or Image.MAX_IMAGE_PIXELS)
-        decode_problems(splits.train + splits.val + splits.test, report, max_pixels, progress,
-                        dcfg.get("cache", False))
+        max_pixels = int(dcfg.max_image_pixels or Image.MAX_IMAGE_PIXELS)
+        decode_problems(splits.train + splits.val + splits.test, report, max_pixels, progress, dcfg.cache)
     return report
 
 
@@ -122,22 +122,17 @@ def format_report(report):
 
 
 def main(argv):
-    from hydra import compose, initialize_config_dir
+    from utils.schema import compose_config
 
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
-    setting = Path(__file__).resolve().parent.parent / "setting"
     overrides = [a for a in argv if not a.startswith("check.")]
     opts = OmegaConf.from_dotlist([a for a in argv if a.startswith("check.")]).get("check", {})
     unknown = sorted(set(opts) - {"decode"})
     if unknown or not isinstance(opts.get("decode", True), bool):
         raise UserError(f"check options {argv}: the only one is check.decode=true|false.")
-    try:
-        with initialize_config_dir(config_dir=str(setting), version_base="1.3"):
-            cfg = compose(config_name="config-train", overrides=overrides)
-    except Exception as e:  # Hydra's parse and composition errors
-        raise UserError(f"config overrides {overrides}: {str(e).splitlines()[0]}") from None
+    cfg = compose_config("config-train", overrides)
     report = check_dataset(cfg.dataset, decode=opts.get("decode", True), select=cfg.train.select)
     print(format_report(report))
     return 1 if report.errors else 0

@@ -6,10 +6,11 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from data.datasets import (PHOTO, SKETCH, TEXT, match_key, prompt_for, read_annotation_csv,
+from data.layouts import (PHOTO, SKETCH, TEXT, match_key, prompt_for, read_annotation_csv,
                            read_class_list, resolve_name, resolve_root, scan_layout, split_file)
 from data.loader import unreadable
 from utils.runtime import UserError, log
+from utils.schema import dataset_defaults
 
 MIN_VAL_CLASSES = 5
 
@@ -28,20 +29,16 @@ class DatasetIndex:
         return [r for r in self.rows if r["cls"] in keep]
 
 
-def _cfg_get(cfg, key, default=None):
-    value = cfg.get(key, default) if hasattr(cfg, "get") else default
-    return default if value is None else value
-
-
 def build_index(idx, dcfg):
-    """Scan the dataset's on-disk layout (or read given seed CSVs) into a DatasetIndex."""
+    """Scan the dataset's on-disk layout (or read given seed CSVs) into a DatasetIndex. `dcfg`: a
+    dataset config, the keys it lacks taken from utils/schema.py's defaults."""
+    dcfg = dataset_defaults(dcfg)
     name = resolve_name(idx)
-    root = resolve_root(name, _cfg_get(dcfg, "root", {}))
-    csv_cfg = _cfg_get(dcfg, "csv", {})
-    if _cfg_get(csv_cfg, "test"):
-        return _index_from_csv(name, root, csv_cfg, _cfg_get(dcfg, "on_bad_image", "error") == "skip")
+    root = resolve_root(name, dcfg.root)
+    if dcfg.csv.test:
+        return _index_from_csv(name, root, dcfg.csv, dcfg.on_bad_image == "skip")
     scan = scan_layout(name, root)
-    unseen_path = split_file(name, _cfg_get(dcfg, "split"), root, _cfg_get(dcfg, "unseen_file"))
+    unseen_path = split_file(name, dcfg.split, root, dcfg.unseen_file)
     unseen = read_class_list(unseen_path)
     unknown = [c for c in unseen if match_key(c) not in scan.images]
     if unknown:
@@ -67,7 +64,7 @@ def build_index(idx, dcfg):
 def _index_from_csv(name, root, csv_cfg, skip_missing):
     test, missing = read_annotation_csv(csv_cfg["test"], root, skip_missing)
     train, missing_train = (read_annotation_csv(csv_cfg["train"], root, skip_missing)
-                            if _cfg_get(csv_cfg, "train") else ([], []))
+                            if csv_cfg.train else ([], []))
     unseen = list(dict.fromkeys(r["cls"] for r in test))
     seen = list(dict.fromkeys(r["cls"] for r in train))
     overlap = sorted(set(seen) & set(unseen))
@@ -137,8 +134,9 @@ def validation_problem(splits):
 
 
 def make_splits(dcfg, need_test=True, need_train=True, allow_empty_train=False):
-    train_ids = list(_cfg_get(dcfg, "train_idx", [])) if need_train else []
-    test_idx = _cfg_get(dcfg, "test_idx") if need_test else None
+    dcfg = dataset_defaults(dcfg)
+    train_ids = list(dcfg.train_idx) if need_train else []
+    test_idx = dcfg.test_idx if need_test else None
     indices = {resolve_name(i): None for i in train_ids}
     if test_idx is not None:
         indices[resolve_name(test_idx)] = None
@@ -147,8 +145,7 @@ def make_splits(dcfg, need_test=True, need_train=True, allow_empty_train=False):
     train, val, train_classes, val_classes = [], [], [], []
     for k, name in enumerate(resolve_name(i) for i in train_ids):
         ix = indices[name]
-        tr_cls, va_cls = seen_class_split(ix.seen, float(_cfg_get(dcfg, "cls_ratio", 1.0)),
-                                          int(_cfg_get(dcfg, "split_seed", 0)))
+        tr_cls, va_cls = seen_class_split(ix.seen, float(dcfg.cls_ratio), int(dcfg.split_seed))
         train += [(ix.root, r) for r in ix.rows_of(tr_cls)]
         # validation labels are made unique across datasets
         val += [(ix.root, dict(r, label=k * 100_000 + r["label"])) for r in ix.rows_of(va_cls)]
@@ -174,11 +171,11 @@ def make_splits(dcfg, need_test=True, need_train=True, allow_empty_train=False):
                 f"{test_index.root} class(es) {lacking['sketch']} have no sketch images and "
                 f"{lacking['photo']} no photos. Check those class folders, or take the classes "
                 f"out of the split file.")
-    seed = int(_cfg_get(dcfg, "split_seed", 0))
-    train = partial(train, float(_cfg_get(dcfg, "train_partial_ratio", 1.0)), seed)
-    val = partial(val, float(_cfg_get(dcfg, "valid_partial_ratio", 1.0)), seed)
-    if _cfg_get(dcfg, "on_bad_image", "error") == "skip":
-        max_pixels = int(_cfg_get(dcfg, "max_image_pixels", Image.MAX_IMAGE_PIXELS))
+    seed = int(dcfg.split_seed)
+    train = partial(train, float(dcfg.train_partial_ratio), seed)
+    val = partial(val, float(dcfg.valid_partial_ratio), seed)
+    if dcfg.on_bad_image == "skip":
+        max_pixels = int(dcfg.max_image_pixels or Image.MAX_IMAGE_PIXELS)
         train, val, test = (drop_unreadable(rows, what, max_pixels) for rows, what in
                             ((train, "training"), (val, "validation"), (test, "test")))
     if need_train and not train and not allow_empty_train:

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from utils.io import load_torch, save_torch
+from utils.run_folder import RunFolder
 from utils.runtime import UserError
 
 # Model settings a checkpoint's weights depend on.
@@ -19,8 +20,10 @@ def save_checkpoint(state, path):
 
 
 def _other(path):
-    other = path.with_name("best.pth" if path.name == "last.pth" else "last.pth")
-    return other if other.is_file() else None
+    """The run's other checkpoint (best <-> last) when it exists."""
+    run = RunFolder(path.parent.parent)
+    other = {run.last: run.best, run.best: run.last}.get(path)
+    return other if other is not None and other.is_file() else None
 
 
 def load_checkpoint(path):

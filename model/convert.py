@@ -9,8 +9,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from data.index import make_splits
@@ -22,8 +20,8 @@ from utils.io import save_text, save_torch
 from utils.restricted_pickle import Dropped, is_torchscript, restricted_load
 from utils.run_folder import RunFolder
 from utils.runtime import UserError, log, run_cli, setup_logging
+from utils.schema import compose_config
 
-SETTING = Path(__file__).resolve().parent.parent / "setting"
 PREFIX = "encoder.clip."
 HEAD = {"modes.weight": "encoder.mode_embedding.weight", "disc.weight": "encoder.discriminator.weight",
         "disc.bias": "encoder.discriminator.bias"}
@@ -92,11 +90,7 @@ def converted_state(model, state, src, backbone):
 
 def run_config(overrides):
     """The training config with the user's overrides, describing the authors' model."""
-    try:
-        with initialize_config_dir(config_dir=str(SETTING), version_base="1.3"):
-            cfg = compose(config_name="config-train", overrides=list(overrides))
-    except Exception as e:  # Hydra's parse and composition errors
-        raise UserError(f"config overrides {list(overrides)}: {str(e).splitlines()[0]}") from None
+    cfg = compose_config("config-train", overrides)
     cfg = prepare(cfg, "train", overrides)  # the authors' key names work here too
     with open_dict(cfg):
         cfg.model.pretrained = None  # the weights come from the checkpoint

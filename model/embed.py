@@ -29,8 +29,8 @@ def embed_rows(model, rows, transform, tokenizer, batch_size, num_workers, devic
         img.append(z_img.cpu())
         txt.append(z_txt.cpu())
         if with_converted:
-            m1, m2 = batch["m1"].to(device), batch["m2"].to(device)
-            conv.append(torch.stack([model.convert(z_img, m1), model.convert(z_txt, m2)], dim=1).cpu())
+            image_mode, text_mode = batch["m1"].to(device), batch["m2"].to(device)
+            conv.append(torch.stack([model.convert(z_img, image_mode), model.convert(z_txt, text_mode)], dim=1).cpu())
     out = dict(img=torch.cat(img).numpy(), txt=torch.cat(txt).numpy())
     if with_converted:
         out["converted"] = torch.cat(conv).numpy()

@@ -22,23 +22,24 @@ class ModalityAwareLoss:
             raise ValueError("every loss ratio is 0: set at least one model.*_loss_ratio > 0.")
         self.gather = gather
 
-    def __call__(self, model, z_img, z_txt, m1, m2):
-        """(total, losses) of L2-normalised z_img, z_txt [B, d] with image modes m1 and text modes m2."""
+    def __call__(self, model, z_img, z_txt, image_mode, text_mode):
+        """(total, losses) of L2-normalised z_img, z_txt [B, d] whose rows have the modes image_mode
+        (0 photo, 1 sketch) and text_mode (3 text): index.csv's m1 and m2."""
         active, m, losses = self.ratios, model.modes.weight, {}
         e_s = F.normalize((z_txt + z_img) / 2, dim=-1)
         if "clip" in active:
             losses["clip"] = self.contrastive(model.clip.logit_scale.exp(), z_img, z_txt)
         if "sem" in active:
-            s_img, s_txt = z_img - m[m1], z_txt - m[m2]
+            s_img, s_txt = z_img - m[image_mode], z_txt - m[text_mode]
             losses["sem"] = cos_emb(F.normalize(s_txt, dim=-1), e_s) + cos_emb(F.normalize(s_img, dim=-1), e_s)
-        conv_img, conv_txt = model.convert(z_img, m1), model.convert(z_txt, m2)
+        conv_img, conv_txt = model.convert(z_img, image_mode), model.convert(z_txt, text_mode)
         rows = torch.arange(z_img.shape[0], device=z_img.device)
         if "rec" in active:
-            losses["rec"] = cos_emb(conv_txt[rows, m1], z_img) + cos_emb(conv_img[rows, m2], z_txt)
+            losses["rec"] = cos_emb(conv_txt[rows, image_mode], z_img) + cos_emb(conv_img[rows, text_mode], z_txt)
         if "disc" in active:
             k = torch.arange(model.n_mode, device=z_img.device).expand(z_img.shape[0], -1)
             side = []
-            for conv, src in ((conv_txt, m2), (conv_img, m1)):
+            for conv, src in ((conv_txt, text_mode), (conv_img, image_mode)):
                 keep = k != src[:, None]
                 side.append(F.cross_entropy(model.disc(conv[keep]), k[keep]))
             losses["disc"] = (side[0] + side[1]) / 2

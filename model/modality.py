@@ -35,12 +35,13 @@ class ModalityAwareCLIP(nn.Module):
         m = self.modes.weight
         return F.normalize((z - m[mode])[:, None, :] + m[None], dim=-1)
 
-    def forward(self, images, tokens, prompt_id, m1, m2, loss):
-        """Encode a batch (each distinct prompt once) and return loss(...): (total, losses)."""
+    def forward(self, images, tokens, prompt_id, image_mode, text_mode, loss):
+        """Encode a batch (each distinct prompt once) and return loss(...): (total, losses).
+        image_mode / text_mode: each row's mode ids (index.csv's m1 / m2)."""
         unique, inverse = torch.unique(prompt_id, return_inverse=True)
         z_img = self.encode_image(images)
         z_txt = self.encode_text(tokens[unique])[inverse]
-        return loss(self, z_img, z_txt, m1, m2)
+        return loss(self, z_img, z_txt, image_mode, text_mode)
 
 
 def _older_scale_name(module, state, prefix, *args):

@@ -26,7 +26,7 @@ def lr_lambda(warmup, total, schedule):
 
 def warmup_steps(tcfg, total_steps):
     """train.warmup_steps when set, else int(warmup_ratio x all optimiser steps) as the authors."""
-    if tcfg.get("warmup_steps") is not None:
+    if tcfg.warmup_steps is not None:
         return int(tcfg.warmup_steps)
     return int(total_steps * float(tcfg.warmup_ratio))
 

@@ -8,16 +8,15 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from data.datasets import PHOTO, SKETCH, output_key
+from data.layouts import PHOTO, SKETCH, output_key
 from data.index import check_zero_shot
 from retrieval.metrics import per_class, retrieval_metrics, summarize
 from retrieval.report import write_report
 from utils.io import load_torch, save_json
 from utils.config import prepare
-from utils.run_folder import find_run
+from utils.run_folder import InferOutput, find_run
 from utils.runtime import UserError, log, pick_device, setup_logging
 
-LOGIT_FILES = ("img_logits.pt", "txt_logits.pt", "converted_logits.pt")
 QUERY_KINDS = ("original", "converted")
 
 
@@ -27,7 +26,7 @@ def find_output_folder(cfg):
     run = find_run(cfg.path)
     generalized = bool(cfg.eval.generalized)
     base = run.infer_root(cfg.mode)
-    test_idx = cfg.get("dataset", {}).get("test_idx")
+    test_idx = cfg.dataset.test_idx
     if test_idx is None and run.config.is_file():
         test_idx = OmegaConf.load(run.config).dataset.test_idx
     if test_idx is not None:
@@ -35,14 +34,14 @@ def find_output_folder(cfg):
     else:
         found = sorted(p for p in base.glob("*") if p.is_dir() and p.name.endswith("-gzs") == generalized) \
             if base.is_dir() else []
-        folder = found[0] if len(found) == 1 else base / f"<dataset>{'-gzs' if generalized else ''}"
+        folder = InferOutput(found[0] if len(found) == 1 else base / f"<dataset>{'-gzs' if generalized else ''}")
         if len(found) > 1:
             raise UserError(f"{base} holds {len(found)} dataset folders {[p.name for p in found]}; "
                             f"choose one with dataset.test_idx=<index or name>.")
-    if not folder.is_dir() and not run.is_run() and not base.is_dir():
+    if not folder.path.is_dir() and not run.is_run() and not base.is_dir():
         raise UserError(f"{run.path} is not a run folder of train.py (no config.yaml, model/ or infer_output/); "
                         f"pass path=<the folder train.py wrote>, and run `python infer.py path=<run>` first.")
-    if not folder.is_dir():
+    if not folder.path.is_dir():
         extra = " dataset.generalized=true" if generalized else ""
         raise UserError(f"no inference output {folder}; run `python infer.py path={cfg.path} "
                         f"mode={cfg.mode}{extra}` first.")
@@ -69,12 +68,14 @@ def read_index(path):
 
 
 def load_outputs(folder):
-    missing = [f for f in LOGIT_FILES + ("index.csv",) if not (folder / f).is_file()]
+    """The embeddings {img, txt, converted} and index.csv rows of an InferOutput, checked."""
+    files = [folder.embeddings(k) for k in folder.EMBEDDINGS] + [folder.index]
+    missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise UserError(f"{folder} lacks {missing}; re-run infer.py for this run and mode.")
-    tensors = {f: load_torch(folder / f) for f in LOGIT_FILES}
-    rows = read_index(folder / "index.csv")
-    img, txt, conv = (tensors[f] for f in LOGIT_FILES)
+    tensors = {k: load_torch(folder.embeddings(k)) for k in folder.EMBEDDINGS}
+    rows = read_index(folder.index)
+    img, txt, conv = (tensors[k] for k in folder.EMBEDDINGS)
     shapes_ok = all(isinstance(t, torch.Tensor) for t in (img, txt, conv)) and img.ndim == 2 and \
         txt.ndim == 2 and txt.shape[1] == img.shape[1] and conv.ndim == 4 and conv.shape[1] == 2 and conv.shape[3] == img.shape[1] \
         and conv.shape[2] > PHOTO
@@ -86,10 +87,10 @@ def load_outputs(folder):
     if len(set(n.values())) != 1 or len(rows) not in n.values():
         raise UserError(f"{folder}: index.csv has {len(rows)} rows but the logits have {n} rows; "
                         f"the files come from different runs. Re-run infer.py.")
-    for name in ("img_logits.pt", "converted_logits.pt"):
-        bad = (~torch.isfinite(tensors[name].float().flatten(1)).all(1)).nonzero()[:, 0]
+    for kind in ("img", "converted"):
+        bad = (~torch.isfinite(tensors[kind].float().flatten(1)).all(1)).nonzero()[:, 0]
         if bad.numel():
-            raise UserError(f"{folder / name}: {bad.numel()} of {n[name]} embeddings are NaN or infinite "
+            raise UserError(f"{folder.embeddings(kind)}: {bad.numel()} of {n[kind]} embeddings are NaN or infinite "
                             f"(first: {rows[int(bad[0])]['img_path']}); the model that produced them had diverged. "
                             f"Infer and evaluate the other checkpoint (mode=best or mode=last), or retrain with "
                             f"a lower learning rate.")
@@ -98,7 +99,7 @@ def load_outputs(folder):
 
 def provenance(run, folder, rows, q, allow):
     """What was scored: the inference's record, and whether the split is zero-shot for the run."""
-    meta = json.loads((folder / "infer_meta.json").read_text()) if (folder / "infer_meta.json").is_file() else {}
+    meta = json.loads(folder.meta.read_text()) if folder.meta.is_file() else {}
     classes = sorted({Path(rows[i]["img_path"]).parent.name for i in np.flatnonzero(q)})
     overlap = []
     if run.config.is_file():
@@ -126,8 +127,8 @@ def evaluate(cfg, given=()):
     if not q.any() or not g.any():
         raise UserError(f"{folder} has {q.sum()} sketch queries and {g.sum()} photos; both must be > 0.")
     record = provenance(run, folder, rows, q, bool(cfg.allow_class_overlap))
-    img = tensors["img_logits.pt"].float()
-    queries = {"original": img[q], "converted": tensors["converted_logits.pt"][q][:, 0, PHOTO].float()}
+    img = tensors["img"].float()
+    queries = {"original": img[q], "converted": tensors["converted"][q][:, 0, PHOTO].float()}
     device = pick_device(ecfg.device)
     protocols = list(dict.fromkeys(["default"] + list(ecfg.protocols)))
     results, tops = {}, {}
@@ -160,10 +161,10 @@ def evaluate(cfg, given=()):
         raise UserError(f"{folder}: {undefined} are undefined: no sketch query has a relevant photo in the "
                         f"gallery (labels of sketches and photos never match). Check index.csv's labels; "
                         f"nothing was written.")
-    save_json(_nan_to_none(out), folder / "eval_result.json")
-    print(format_table(out, folder / "eval_result.json"))
-    rcfg = ecfg.get("report", {})
-    if rcfg.get("enabled", True):
+    save_json(_nan_to_none(out), folder.result)
+    print(format_table(out, folder.result))
+    rcfg = ecfg.report
+    if rcfg.enabled:
         report = make_report(folder, _nan_to_none(out), rows, rcfg)
         if report:
             print(f"visual report: {report}")
@@ -173,18 +174,16 @@ def evaluate(cfg, given=()):
 def make_report(folder, result, rows, rcfg):
     """report.html when the images can be found (eval.report.image_root, else the dataset root
     that infer.py recorded); otherwise a warning, since the metrics do not need the images."""
-    root = rcfg.get("image_root")
-    meta = folder / "infer_meta.json"
-    if root is None and meta.is_file():
-        root = json.loads(meta.read_text()).get("root")
+    root = rcfg.image_root
+    if root is None and folder.meta.is_file():
+        root = json.loads(folder.meta.read_text()).get("root")
     missing = [r["img_path"] for r in rows[:50] if root is None or not (Path(root) / r["img_path"]).is_file()]
     if missing:
         log.warning(f"no visual report: images such as {missing[0]} are not under {root}; pass "
                     f"eval.report.image_root=<dataset root> (or eval.report.enabled=false).")
         return None
-    return write_report(folder, result, rows, root, n_queries=int(rcfg.get("n_queries", 20)),
-                        grid_queries=int(rcfg.get("grid_queries", 8)), seed=int(rcfg.get("seed", 0)),
-                        grid_kind=rcfg.get("grid_kind", "original"))
+    return write_report(folder, result, rows, root, n_queries=int(rcfg.n_queries),
+                        grid_queries=int(rcfg.grid_queries), seed=int(rcfg.seed), grid_kind=rcfg.grid_kind)
 
 
 def _nan_to_none(x):

@@ -1,12 +1,11 @@
 """The inference pipeline: infer(cfg), embeddings of a run's test split -> infer_output/<mode>/<dataset>/."""
 import shutil
-from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from data.datasets import COLUMNS, output_key
+from data.layouts import COLUMNS, output_key
 from data.index import check_zero_shot, make_splits
 from model.backbone import build_model
 from model.checkpoint import load_checkpoint
@@ -16,18 +15,18 @@ from utils.io import save_csv, save_json, save_torch
 from utils.config import prepare
 from utils.run_folder import find_run
 from utils.runtime import UserError, log, setup_logging
+from utils.schema import dataset_defaults
 
 INDEX_COLUMNS = COLUMNS + ["split"]
-STALE_RESULTS = ("eval_result.json", "report.html", "report_grid.png", "report_images")
 
 
 def test_dataset_config(train_cfg, cfg):
-    """The run's dataset config, with the test dataset / root overrides of infer."""
-    dcfg = OmegaConf.create(OmegaConf.to_container(train_cfg.dataset, resolve=True))
-    over = cfg.get("dataset") or {}
+    """The run's dataset config (keys newer than the run at their defaults), with the test
+    dataset / root overrides of infer."""
+    dcfg = dataset_defaults(OmegaConf.to_container(train_cfg.dataset, resolve=True))
     for key in ("test_idx", "root", "max_image_pixels"):
-        if over.get(key) is not None:
-            dcfg[key] = over[key]
+        if cfg.dataset[key] is not None:
+            dcfg[key] = cfg.dataset[key]
     return dcfg
 
 
@@ -78,28 +77,26 @@ def infer(cfg, given=()):
     pairs = list(zip(roots, rows))
     emb = embed_rows(model, pairs[info.rank::info.world_size], eval_tf, tokenizer, int(cfg.batch_size),
                      int(cfg.num_workers), device, cfg.precision, progress=info.is_main,
-                     cache=dcfg.get("cache", False))
+                     cache=dcfg.cache)
     if info.enabled:
         emb = gather_shards(emb, len(rows), info, device)
         cleanup_distributed()
         if not info.is_main:
             return None
     out = run.infer_output(cfg.mode, output_key(dcfg.test_idx), generalized)
-    for stale in STALE_RESULTS:  # results of the embeddings about to be replaced
-        path = out / stale
+    for path in out.results:  # evaluate.py's results of the embeddings about to be replaced
         if path.is_dir():
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
             log.info(f"removed {path}: it scored the previous embeddings; run evaluate.py again")
-    save_torch(torch.from_numpy(emb["img"]), out / "img_logits.pt")
-    save_torch(torch.from_numpy(emb["txt"]), out / "txt_logits.pt")
-    save_torch(torch.from_numpy(emb["converted"]), out / "converted_logits.pt")
-    save_csv(rows, INDEX_COLUMNS, out / "index.csv")
+    for kind in out.EMBEDDINGS:
+        save_torch(torch.from_numpy(emb[kind]), out.embeddings(kind))
+    save_csv(rows, INDEX_COLUMNS, out.index)
     selected_by = ckpt.get("selected_by") or (train_cfg.get("run") or {}).get("select") \
         or train_cfg.get("train", {}).get("select")
     save_json(dict(dataset=splits.test_index.name, root=str(splits.test_index.root), mode=cfg.mode,
                    checkpoint=str(run.checkpoint(cfg.mode)), epoch=ckpt.get("epoch"), selected_by=selected_by,
-                   generalized=generalized, classes_seen_in_training=overlap), out / "infer_meta.json")
-    log.info(f"wrote {out}/{{img_logits,txt_logits,converted_logits}}.pt and index.csv")
+                   generalized=generalized, classes_seen_in_training=overlap), out.meta)
+    log.info(f"wrote the embeddings and {out.index.name} to {out}")
     return out

@@ -1,7 +1,6 @@
 """The training pipeline: train(cfg, run_dir), the loop of the modality-aware model."""
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 
@@ -11,7 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data.check import check_before_training
-from data.index import make_splits, validation_problem
+from data.index import make_splits
 from data.cached import image_dataset
 from data.loader import PromptTable, collate, model_input
 from data.sampler import ResumableSampler
@@ -19,13 +18,13 @@ from model.backbone import build_model, loss_ratios
 from model.loss import ModalityAwareLoss
 from model.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from model.optim import build_optimizer
-from retrieval.validation import split_loss, validation_map
+from pipeline.selection import Selection
 from utils.config import prepare
 from utils.distributed import GatherFeatures, cleanup_distributed, init_distributed
 from utils.io import save_text
 from utils.run_folder import RunFolder
-from utils.runtime import (StopRequested, UserError, amp_dtype, autocast, init_wandb, log, seed_everything,
-                           setup_logging)
+from utils.runtime import (StopRequested, UserError, amp_dtype, autocast, exit_on_sigterm, init_wandb, log,
+                           seed_everything, setup_logging, sigterm_handler)
 
 
 @dataclass
@@ -39,21 +38,6 @@ class Progress:
     wandb_id: str | None = None
 
 
-def choose_selection(select, splits):
-    """How best.pth is chosen: the configured train.select, with `auto` and a val_map that has
-    too little to go on resolved to `last` (said in the log)."""
-    problem = validation_problem(splits)
-    if select == "auto":
-        select = "val_map" if splits.val and problem is None else "last"
-    elif select == "val_map" and problem is not None:
-        log.warning(f"train.select=val_map: {problem}. best.pth falls back to the last epoch (train.select=last).")
-        select = "last"
-    if select == "test_loss":
-        log.warning("train.select=test_loss: best.pth is chosen on the TEST split's loss (the authors' "
-                    "protocol); its scores are not a clean zero-shot estimate, and eval_result.json says so.")
-    return select
-
-
 class Trainer:
     """Everything one training run holds: data, model, optimiser, counters and run folder."""
 
@@ -62,11 +46,12 @@ class Trainer:
         setup_logging(run.track(run.log) if info.is_main else None)
         self.device = info.device(cfg.device)
         amp_dtype(cfg.train.precision)  # a wrong name fails here, before any work
-        resume = self.load_resume() if cfg.get("resume") else None
+        resume = self.load_resume() if cfg.resume else None
         seed_everything(int(cfg.seed))
         self.splits = make_splits(cfg.dataset)
         check_before_training(self.splits, int(cfg.model.n_mode))
-        self.select = choose_selection(cfg.train.select, self.splits)
+        self.selection = Selection(cfg, self.splits)
+        self.select = self.selection.rule
         cfg.run = dict(train_classes=list(self.splits.train_classes), val_classes=list(self.splits.val_classes),
                        select=self.select)  # recorded in config.yaml and every checkpoint
         self.model, train_tf, self.eval_tf, self.tokenizer = build_model(cfg.model)
@@ -78,7 +63,6 @@ class Trainer:
         self.optimizer, self.scheduler, self.accum = build_optimizer(self.model, cfg.train, len(self.loader))
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.device.type == "cuda" and cfg.train.precision == "fp16")
-        self.select_rows = self.test_loss_rows() if self.select == "test_loss" else []
         self.wrap_model()
         self.progress, self.skipped = Progress(), 0
         if resume is not None:
@@ -124,16 +108,6 @@ class Trainer:
         if len(self.loader) == 0:
             raise UserError(f"the training split has {len(self.dataset)} images, fewer than one batch per "
                             f"rank; lower train.batch_size.")
-
-    def test_loss_rows(self):
-        dcfg = self.cfg.dataset
-        valid = dcfg.get("valid_idx")
-        if valid is None or str(valid) == str(dcfg.test_idx):
-            rows = self.splits.test
-        else:
-            rows = make_splits(OmegaConf.merge(dcfg, {"test_idx": valid}), need_train=False).test
-        from data.index import partial
-        return partial(rows, float(dcfg.valid_partial_ratio), int(dcfg.split_seed))
 
     def wrap_model(self):
         """DDP (with the all-ranks feature gather of the contrastive loss) and torch.compile."""
@@ -268,33 +242,16 @@ class Trainer:
         if tcfg.save_every_steps and p.step % int(tcfg.save_every_steps) == 0:
             self.save(self.checkpoint_state(batch_in_epoch), self.run.last)
 
-    def selection_score(self):
-        """(score to maximise, what it is) for best.pth, or (None, None) when not due."""
-        p, tcfg = self.progress, self.cfg.train
-        if p.epoch % int(tcfg.eval_every) and p.epoch != int(tcfg.epochs):
-            return None, None
-        if self.select == "val_map" or (self.splits.val and self.select == "last"):
-            score = validation_map(self.model, self.splits.val, self.eval_tf, self.tokenizer, self.cfg,
-                                   self.device, self.info)
-            return score, f"validation mAP@all {score:.4f}"
-        if self.select == "test_loss" and self.info.is_main:
-            loss = split_loss(self.model, self.select_rows, self.eval_tf, self.tokenizer, self.ratios,
-                              self.cfg, self.device)
-            return -loss, f"test-split loss {loss:.4f}"
-        return None, None
-
     def end_epoch(self):
         """Score, record, and write last.pth (and best.pth when the selection says so)."""
         p = self.progress
         p.epoch, p.batch_in_epoch = p.epoch + 1, 0
-        score, what = self.selection_score()
+        score, what = self.selection.score(p.epoch, self.model, self.eval_tf, self.tokenizer, self.ratios,
+                                           self.device, self.info)
         seconds = time.time() - self.epoch_start
         p.history.append(dict(epoch=p.epoch, step=p.step, score=score, loss=self.running, seconds=seconds))
         if self.info.is_main:
-            if self.select == "last":
-                improved = True
-            else:
-                improved = score is not None and score >= p.best
+            improved = self.selection.improved(score, p.best)
             if improved and score is not None and self.select != "last":
                 p.best = score
             log.info(f"epoch {p.epoch} done in {seconds:.1f}s: loss {self.running:.4f}"
@@ -325,11 +282,11 @@ def train(cfg, run_dir, given=()):
     info = init_distributed(cfg.device)
     run = RunFolder(run_dir)
     if info.is_main:
-        run.claim(resume=bool(cfg.get("resume")))
-    previous = _sigterm_handler(_exit_on_sigterm)  # until fit() takes SIGTERM over
+        run.claim(resume=bool(cfg.resume))
+    previous = sigterm_handler(exit_on_sigterm)  # until fit() takes SIGTERM over
     try:
         trainer = Trainer(cfg, run, info)
-        _sigterm_handler(previous)
+        sigterm_handler(previous)
         return trainer.fit()
     except BaseException:
         if info.is_main and not run.has_checkpoint():
@@ -337,18 +294,5 @@ def train(cfg, run_dir, given=()):
             run.discard_failed_start()
         raise
     finally:
-        _sigterm_handler(previous)
+        sigterm_handler(previous)
         run.release()
-
-
-def _sigterm_handler(handler):
-    """Install a SIGTERM handler and return the previous one (None off the main thread)."""
-    try:
-        return signal.signal(signal.SIGTERM, handler) if handler is not None else None
-    except ValueError:  # not the main thread: signals are the main thread's
-        return None
-
-
-def _exit_on_sigterm(signum, frame):
-    """SIGTERM while a run is being set up: an exception, so that the failed start is cleaned up."""
-    raise SystemExit(128 + signum)

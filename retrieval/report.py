@@ -20,16 +20,17 @@ def _thumb(src, dst, size):
     return im
 
 
-def write_report(folder, result, rows, image_root, n_queries=20, grid_queries=8, seed=0, size=96,
+def write_report(output, result, rows, image_root, n_queries=20, grid_queries=8, seed=0, size=96,
                  grid_kind="original"):
-    """Write report.html, report_grid.png and report_images/ into `folder`; return the HTML path."""
-    folder, image_root = Path(folder), Path(image_root)
+    """Write report.html, report_grid.png and report_images/ of an InferOutput (utils/run_folder.py);
+    return the HTML path."""
+    image_root = Path(image_root)
     label_of = {r["img_path"]: r["label"] for r in rows}
     class_of = {r["img_path"]: Path(r["img_path"]).parent.name for r in rows}
     top = result["top10_retrieved"]
     queries = sorted(top)
     sample = sorted(random.Random(seed).sample(queries, min(n_queries, len(queries))))
-    thumbs, images = {}, folder / "report_images"
+    thumbs, images = {}, output.report_images
 
     def thumb(path):
         if path not in thumbs:
@@ -51,10 +52,10 @@ def write_report(folder, result, rows, image_root, n_queries=20, grid_queries=8,
         parts.append(f"<div class='query' data-query='{html.escape(q)}'><p>{html.escape(q)} "
                      f"(class {html.escape(class_of[q])})</p>")
         for kind in ("original", "converted"):
-            cells = [f"<img class='q' src='report_images/{thumb(q)[0]}' title='{html.escape(q)}'>"]
+            cells = [f"<img class='q' src='{images.name}/{thumb(q)[0]}' title='{html.escape(q)}'>"]
             for p in top[q][kind]:
                 ok = label_of[p] == label_of[q]
-                cells.append(f"<img class='{'ok' if ok else 'no'}' src='report_images/{thumb(p)[0]}' "
+                cells.append(f"<img class='{'ok' if ok else 'no'}' src='{images.name}/{thumb(p)[0]}' "
                              f"title='{html.escape(p)}'>")
             parts.append(f"<div>{kind}: {''.join(cells)}</div>")
         parts.append("</div>")
@@ -64,9 +65,9 @@ def write_report(folder, result, rows, image_root, n_queries=20, grid_queries=8,
         parts.append(f"<tr><td>{html.escape(cls)}</td><td>{_fmt(orig)}</td><td>{_fmt(conv)}</td>"
                      f"<td><div class='bar' style='width:{int(300 * (orig or 0))}px'></div></td></tr>")
     parts.append("</table>")
-    out = folder / "report.html"
+    out = output.report_html
     save_text("\n".join(parts), out)
-    _grid(folder / "report_grid.png", sample[:grid_queries], top, grid_kind, label_of, thumb, size)
+    _grid(output.report_grid, sample[:grid_queries], top, grid_kind, label_of, thumb, size)
     return out
 
 

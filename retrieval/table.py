@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from utils.run_folder import RunFolder
+from utils.run_folder import InferOutput, RunFolder
 from utils.runtime import UserError, run_cli
 
 METRICS = ("mAP@all", "mAP@200", "p@100", "p@200")
@@ -31,13 +31,12 @@ def result_files(patterns):
             if path.is_file() and path.name == "eval_result.json":
                 found.append(path)
             elif path.is_dir():
-                found += sorted(path.glob("**/infer_output/*/*/eval_result.json"))
-                found += sorted(path.glob("infer_output/*/*/eval_result.json"))
+                found += RunFolder.results_under(path)
     return list(dict.fromkeys(found))
 
 
 def run_of(result_path):
-    return result_path.parent.parent.parent.parent  # <run>/infer_output/<mode>/<dataset>/eval_result.json
+    return InferOutput(result_path.parent).run.path
 
 
 def rows_of(path):

@@ -1,13 +1,14 @@
+"""pytest fixtures: the small generated demo dataset, the real configs composed and shrunk (model=tiny), a user folder dataset."""
 import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from data.demo import generate  # noqa: E402
+from utils.schema import compose_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -17,8 +18,12 @@ def demo_root(tmp_path_factory):
 
 
 def compose_cfg(name, overrides=()):
-    with initialize_config_dir(config_dir=str(REPO / "setting"), version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides))
+    return compose_config(name, overrides)
+
+
+def tiny_model_cfg(**values):
+    """model=tiny of the real config, with `values` as model.<key>=<value> overrides."""
+    return compose_cfg("config-train", ["model=tiny"] + [f"model.{k}={'null' if v is None else v}" for k, v in values.items()]).model
 
 
 @pytest.fixture

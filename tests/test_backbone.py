@@ -2,12 +2,12 @@
 import open_clip
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from open_clip.transformer import QuickGELU
 
 from model.backbone import build_model, create_backbone, uses_quick_gelu
 from model.optim import param_groups
+from tests.conftest import tiny_model_cfg
 from utils.runtime import UserError
 
 
@@ -46,12 +46,8 @@ def test_tag_without_network_says_how_to_get_weights(monkeypatch):
     assert "cannot download" in msg and "model.pretrained=/path/to/file" in msg and "create_model('ViT-B-32'" in msg
 
 
-def tiny_mcfg(**kw):
-    return OmegaConf.create(dict(dict(backbone="ma-tiny", pretrained=None, n_mode=4, temperature=2.6592), **kw))
-
-
 def test_clip_lr_reaches_only_the_backbone_and_its_logit_scale():
-    model, *_ = build_model(tiny_mcfg())
+    model, *_ = build_model(tiny_model_cfg())
     groups = param_groups(model, lr=1e-3, clip_lr=5e-8, weight_decay=0.1)
     backbone_ids = {id(p) for p in model.clip.parameters()}
     for g in groups:
@@ -70,24 +66,24 @@ def test_clip_lr_reaches_only_the_backbone_and_its_logit_scale():
 
 
 def test_logit_scale_is_the_clip_models_own_reset_to_temperature():
-    model, *_ = build_model(tiny_mcfg(temperature=3.0))
+    model, *_ = build_model(tiny_model_cfg(temperature=3.0))
     assert model.clip.logit_scale.item() == pytest.approx(3.0)
     assert model.clip.logit_scale.requires_grad
     assert "logit_scale" not in dict(model.named_parameters())
 
 
 def test_checkpoint_with_the_older_separate_scale_still_loads():
-    model, *_ = build_model(tiny_mcfg())
+    model, *_ = build_model(tiny_model_cfg())
     old = model.state_dict()
     old["logit_scale"] = torch.tensor(4.5)  # trained scale; clip.logit_scale was open_clip's frozen one
-    fresh, *_ = build_model(tiny_mcfg())
+    fresh, *_ = build_model(tiny_model_cfg())
     fresh.load_state_dict(old)
     assert fresh.clip.logit_scale.item() == 4.5
 
 
 def test_mode_vectors_have_pytorchs_default_init():
     torch.manual_seed(0)
-    model, *_ = build_model(tiny_mcfg())
+    model, *_ = build_model(tiny_model_cfg())
     norms = model.modes.weight.norm(dim=-1)
     d = model.modes.weight.shape[1]  # N(0, 1) entries: norm about sqrt(d)
     assert ((norms > 0.8 * d ** 0.5) & (norms < 1.2 * d ** 0.5)).all(), norms
@@ -113,16 +109,16 @@ def test_quick_gelu_mismatch_is_an_error_not_a_warning():
 
 
 def test_build_model_records_the_activation_in_the_config():
-    mcfg = tiny_mcfg(backbone="ma-tiny-hf")
+    mcfg = tiny_model_cfg(backbone="ma-tiny-hf")
     build_model(mcfg)
     assert mcfg.quick_gelu is True
-    model, *_ = build_model(tiny_mcfg(backbone="ma-tiny-hf", pretrained=None, quick_gelu=True))
+    model, *_ = build_model(tiny_model_cfg(backbone="ma-tiny-hf", pretrained=None, quick_gelu=True))
     assert uses_quick_gelu(model.clip)
 
 
 def test_max_length_truncates_like_hf_and_keeps_embeddings_of_short_prompts():
-    model, _, _, full = build_model(tiny_mcfg(backbone="ma-tiny-vit"))
-    _, _, _, cut = build_model(tiny_mcfg(backbone="ma-tiny-vit", max_length=6))
+    model, _, _, full = build_model(tiny_model_cfg(backbone="ma-tiny-vit"))
+    _, _, _, cut = build_model(tiny_model_cfg(backbone="ma-tiny-vit", max_length=6))
     long, short = "a photo of a very large grey rhinoceros.", "a cat"
     plain = full([long, short])
     tokens = cut([long, short])
@@ -134,7 +130,7 @@ def test_max_length_truncates_like_hf_and_keeps_embeddings_of_short_prompts():
     with torch.no_grad():
         torch.testing.assert_close(model.encode_text(tokens[1:]), model.encode_text(plain[1:]))
     with pytest.raises(UserError, match="model.max_length=40.*from 2 to 16"):
-        build_model(tiny_mcfg(backbone="ma-tiny-vit", max_length=40))
+        build_model(tiny_model_cfg(backbone="ma-tiny-vit", max_length=40))
 
 
 def test_torchscript_weight_file_is_loaded_with_quick_gelu(tmp_path):

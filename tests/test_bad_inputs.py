@@ -102,7 +102,7 @@ def splits_with(val_classes, val_rows):
     return Splits([], val_rows, [], [], val_classes, None, {})
 
 
-def test_validation_on_too_few_classes_falls_back_to_last(tmp_path, tiny_train_cfg, caplog):
+def test_validation_on_too_few_classes_falls_back_to_last(tmp_path, tiny_train_cfg):
     assert "fewer than 5" in validation_problem(splits_with(["a"], [(None, dict(cls="a", m1=0))]))
     rows = [(None, dict(cls=c, m1=m)) for c in "abcde" for m in (0, 1) if (c, m) != ("e", 1)]
     assert "['e'] lack sketches or photos" in validation_problem(splits_with(list("abcde"), rows))
@@ -219,7 +219,7 @@ def test_infer_reads_a_run_while_its_trainer_holds_the_lock(folder_run):
 
 
 def test_the_folder_root_hint_names_the_key_that_exists(monkeypatch):
-    from data.datasets import resolve_root
+    from data.layouts import resolve_root
     monkeypatch.delenv("MA_SBIR_FOLDER", raising=False)
     with pytest.raises(UserError, match=r"Pass dataset.root=/path/to/data .*MA_SBIR_FOLDER") as err:
         resolve_root("folder", {})

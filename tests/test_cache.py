@@ -2,7 +2,6 @@
 damaged shard rebuilds that shard, another geometry never reads a cache built for this one, and
 a full disk or a read-only folder fails cleanly."""
 import errno
-import os
 from pathlib import Path
 
 import numpy as np

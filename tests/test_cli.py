@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from model.checkpoint import check_compatible
-from tests.conftest import REPO, folder_dataset
+from tests.conftest import REPO, compose_cfg, folder_dataset
 from utils.runtime import UserError
 
 
@@ -20,6 +20,18 @@ def test_mistyped_config_key(tmp_path):
     p = run("train.py", "train.epoch=3", f"hydra.run.dir={tmp_path / 'r'}")
     assert p.returncode == 1 and "Could not override 'train.epoch'" in p.stderr
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("script, override, message", [
+    ("train.py", "train.epochs=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+    ("infer.py", "batch_size=1.5", "could not be converted to Integer"),
+    ("evaluate.py", "eval.generalized=maybe", "is not a valid bool"),
+])
+def test_a_wrong_type_stops_each_entry_point_at_composition(tmp_path, script, override, message):
+    p = run(script, override, "path=x", f"hydra.run.dir={tmp_path / 'r'}") if script != "train.py" else \
+        run(script, override, f"hydra.run.dir={tmp_path / 'r'}")
+    assert p.returncode == 1 and override.split("=")[0] in p.stderr and message in p.stderr
+    assert "Traceback" not in p.stderr and not (tmp_path / "r").exists()
 
 
 def test_missing_dataset_root_leaves_no_run_folder(tmp_path, monkeypatch):
@@ -55,9 +67,8 @@ def test_checkpoint_from_another_model_config_is_refused():
 
 def test_infer_with_checkpoint_not_matching_its_config(tmp_path, demo_root):
     from model.backbone import build_model
-    cfg = OmegaConf.create({"model": dict(backbone="ma-tiny", pretrained=None, n_mode=4, temperature=2.6592),
-                            "dataset": dict(train_idx=["demo"], test_idx="demo", root=str(demo_root),
-                                            cls_ratio=1.0, csv={})})
+    cfg = compose_cfg("config-train", ["model=tiny", "dataset=demo", f"dataset.root={demo_root}",
+                                       "dataset.cls_ratio=1.0"])
     state = build_model(cfg.model)[0].state_dict()
     state["modes.weight"] = torch.zeros(5, 128)  # weights of a 5-mode model
     (tmp_path / "model").mkdir()

@@ -5,7 +5,7 @@ import random
 import pytest
 from omegaconf import OmegaConf
 
-from tests.conftest import compose_cfg
+from tests.conftest import REPO, compose_cfg
 from utils.config import prepare
 from utils.runtime import UserError
 
@@ -18,18 +18,18 @@ def composed(kind, *overrides):
 
 
 @pytest.mark.parametrize("kind, override, message", [
-    ("train", "train.batch_size=abc", "train.batch_size='abc' must be a whole number"),
     ("train", "train.batch_size=0", "train.batch_size=0 must be a whole number from 1"),
     ("train", "train.num_workers=-1", "train.num_workers=-1 must be a whole number from 0"),
     ("train", "seed=-5", "seed=-5 must be a whole number from 0"),
     ("train", "model.n_mode=1", "model.n_mode=1 must be a whole number from 4"),
-    ("train", "train.lr=-1", "train.lr=-1 must be a finite number > 0"),
+    ("train", "train.lr=-1", "train.lr=-1.0 must be a finite number > 0"),
     ("train", "train.epochs=-1", "train.epochs=-1 must be a whole number from 1"),
     ("train", "train.epochs=0", "train.epochs=0 must be a whole number from 1"),
     ("train", "train.lr=nan", "train.lr=nan must be a finite number"),
     ("train", "train.select=best", "train.select='best' must be one of auto, last, val_map, test_loss"),
-    ("train", "dataset.cls_ratio=0", "dataset.cls_ratio=0 must be a finite number > 0"),
-    ("train", "train.precision=true", "train.precision=True must be one of bf16, fp16, fp32"),
+    ("train", "dataset.cls_ratio=0", "dataset.cls_ratio=0.0 must be a finite number > 0"),
+    ("train", "train.precision=true", "train.precision='True' must be one of bf16, fp16, fp32"),
+    ("train", "dataset.root=[1]", "dataset.root=[1] must be a folder, or dataset.root.<sketchy|tuberlin|quickdraw>"),
     ("infer", "mode=nonsense", "mode='nonsense' must be one of best, last"),
     ("infer", "batch_size=0", "batch_size=0 must be a whole number from 1"),
     ("eval", "eval.chunk_size=0", "eval.chunk_size=0 must be a whole number from 1"),
@@ -41,6 +41,37 @@ def test_bad_value_is_one_clear_error(kind, override, message):
     with pytest.raises(UserError) as err:
         prepare(composed(kind, override), kind)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kind, override, message", [
+    ("train", "train.batch_size=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+    ("train", "train.shuffle=maybe", "Value 'maybe' is not a valid bool"),
+    ("train", "model.n_mode=4.5", "could not be converted to Integer"),
+    ("train", "train.betas=[0.5,0.6]", "Key 'betas' not in 'TrainSection'"),
+    ("train", "dataset.colour=red", "Key 'colour' not in 'DatasetConfig'"),
+    ("infer", "batch_size=many", "could not be converted to Integer"),
+    ("eval", "eval.report.enabled=perhaps", "is not a valid bool"),
+])
+def test_a_wrong_type_fails_at_composition(kind, override, message):
+    """The schema (utils/schema.py) types every key: Hydra refuses the override before any work."""
+    with pytest.raises(UserError) as err:
+        composed(kind, override)
+    assert override.split("=")[0] in str(err.value) and message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_defaults_live_in_the_schema():
+    """A group file sets only what differs: the model's loss ratios come from ModelConfig, the
+    datasets' shared keys from DatasetConfig, the recipe from TrainSection."""
+    from utils.schema import DatasetConfig, ModelConfig, TrainSection
+    cfg = compose_cfg("config-train", ["dataset=tuberlin", "model=vit-b-32"])
+    assert cfg.model.sem_loss_ratio == ModelConfig.sem_loss_ratio == 0.1
+    assert cfg.dataset.max_image_pixels == DatasetConfig.max_image_pixels
+    assert (cfg.train.lr, cfg.train.clip_lr, cfg.train.epochs) == (TrainSection.lr, TrainSection.clip_lr, 100)
+    assert cfg.dataset.test_idx == 0 and cfg.model.backbone == "ViT-B-32"
+    for group in ("dataset", "model"):
+        for yaml in (REPO / "setting" / group).glob("*.yaml"):
+            keys = set(OmegaConf.load(yaml).get(group, OmegaConf.load(yaml)))
+            assert len(keys) <= 6, f"{yaml} repeats defaults: {sorted(keys)}"
 
 
 def test_a_scalar_protocol_is_a_one_element_list():
@@ -101,7 +132,7 @@ def test_fuzzed_overrides_validate_or_give_the_user_error(kind):
         try:
             cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(picks))
         except Exception:
-            continue  # the override itself does not parse: Hydra refuses it before our code runs
+            continue  # a wrong type or a bad parse: Hydra refuses it before our code runs
         try:
             prepare(cfg, kind, picks)
         except UserError as e:
@@ -111,5 +142,5 @@ def test_fuzzed_overrides_validate_or_give_the_user_error(kind):
 
 
 def test_keys_that_nothing_reads_are_refused():
-    with pytest.raises(UserError, match=r"foo is not a setting.*train.betas is not a setting"):
+    with pytest.raises(UserError, match=r"train.betas is not a setting.*foo is not a setting"):
         prepare(composed("train", "+train.betas=[0.5,0.6]", "+foo=1"), "train")

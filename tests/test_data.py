@@ -4,7 +4,7 @@ import hashlib
 import pytest
 from omegaconf import OmegaConf
 
-from data.datasets import resolve_name
+from data.layouts import resolve_name
 from data.demo import UNSEEN, generate
 from data.index import build_index, make_splits
 from utils.runtime import UserError

@@ -9,15 +9,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from omegaconf import OmegaConf
 
 from model.backbone import build_model, loss_ratios
 from model.loss import ModalityAwareLoss
-from tests.conftest import REPO
+from tests.conftest import REPO, tiny_model_cfg
 from utils.runtime import UserError
 
-MCFG = dict(backbone="ma-tiny-vit", pretrained=None, n_mode=4, temperature=2.6592, clip_loss_ratio=1.0,
-            sem_loss_ratio=0.1, disc_loss_ratio=0.1, rec_loss_ratio=0.02, orth_loss_ratio=0.01)
+MCFG = dict(backbone="ma-tiny-vit", orth_loss_ratio=0.01)  # overrides of model=tiny
 GLOBAL_BATCH = 8
 
 
@@ -31,7 +29,7 @@ def batch():
 
 def model():
     torch.manual_seed(0)
-    return build_model(OmegaConf.create(MCFG))[0]
+    return build_model(tiny_model_cfg(**MCFG))[0]
 
 
 def free_port():
@@ -52,7 +50,7 @@ def ddp_worker(rank, world, port, out):
     b = batch()
     mine = slice(rank, None, world)  # DistributedSampler's interleaved share of the batch
     total, _ = ddp(b["image"][mine], b["tokens"], b["prompt_id"][mine], b["m1"][mine], b["m2"][mine],
-                   ModalityAwareLoss(loss_ratios(OmegaConf.create(MCFG)), GatherFeatures(info)))
+                   ModalityAwareLoss(loss_ratios(tiny_model_cfg(**MCFG)), GatherFeatures(info)))
     total.backward()
     losses = [torch.zeros(1) for _ in range(world)]
     dist.all_gather(losses, total.detach().reshape(1))
@@ -68,7 +66,7 @@ def test_ddp_first_step_equals_single_process(tmp_path):
     ddp = torch.load(out, weights_only=True)
     net = model()
     b = batch()
-    total, _ = net(b["image"], b["tokens"], b["prompt_id"], b["m1"], b["m2"], ModalityAwareLoss(loss_ratios(OmegaConf.create(MCFG))))
+    total, _ = net(b["image"], b["tokens"], b["prompt_id"], b["m1"], b["m2"], ModalityAwareLoss(loss_ratios(tiny_model_cfg(**MCFG))))
     total.backward()
     torch.testing.assert_close(ddp["loss"], total.detach(), atol=1e-5, rtol=0)
     grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}

@@ -36,7 +36,7 @@ def test_training_writes_checkpoints_log_and_config(trained_run):
 def test_infer_then_evaluate(trained_run, demo_root):
     run, _ = trained_run
     out = infer(compose_cfg("config-infer", [f"path={run}", "device=cpu", "num_workers=0", "batch_size=50"]))
-    assert out == run / "infer_output" / "best" / "demo"
+    assert out.path == run / "infer_output" / "best" / "demo"
     img, txt, conv = (torch.load(out / f, weights_only=True) for f in
                       ("img_logits.pt", "txt_logits.pt", "converted_logits.pt"))
     rows = list(csv.DictReader(open(out / "index.csv")))

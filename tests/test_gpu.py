@@ -2,11 +2,11 @@
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from model.backbone import build_model, loss_ratios
 from model.loss import ModalityAwareLoss
 from retrieval.metrics import retrieval_metrics
+from tests.conftest import tiny_model_cfg
 from utils.runtime import autocast
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -24,9 +24,7 @@ def test_metric_engine_on_gpu_equals_cpu():
 
 
 def test_bf16_training_step_on_gpu():
-    mcfg = OmegaConf.create(dict(backbone="ma-tiny", pretrained=None, n_mode=4, temperature=2.6592,
-                                 clip_loss_ratio=1.0, sem_loss_ratio=0.1, disc_loss_ratio=0.1,
-                                 rec_loss_ratio=0.02, orth_loss_ratio=0.0))
+    mcfg = tiny_model_cfg()
     model = build_model(mcfg)[0].cuda()
     device = torch.device("cuda")
     images = torch.randn(8, 3, 64, 64, device=device)
@@ -53,9 +51,7 @@ def test_nccl_collectives_and_ddp_step_on_gpu():
     try:
         t = torch.arange(5.0, device="cuda").reshape(5, 1)
         assert torch.equal(all_gather_cat(t), t)
-        mcfg = OmegaConf.create(dict(backbone="ma-tiny", pretrained=None, n_mode=4, temperature=2.6592,
-                                     clip_loss_ratio=1.0, sem_loss_ratio=0.1, disc_loss_ratio=0.1,
-                                     rec_loss_ratio=0.02, orth_loss_ratio=0.01))
+        mcfg = tiny_model_cfg(orth_loss_ratio=0.01)
         torch.manual_seed(0)
         plain = build_model(mcfg)[0].cuda()
         torch.manual_seed(0)

@@ -86,7 +86,7 @@ def test_wrong_layout_is_a_clear_error(tmp_path):
 
 
 def test_builtin_splits_and_unknown_split(tmp_path):
-    from data.datasets import read_class_list, split_file
+    from data.layouts import read_class_list, split_file
     assert len(read_class_list(split_file("sketchy", None))) == 21
     assert len(read_class_list(split_file("sketchy", "sketchy_25"))) == 25
     assert len(read_class_list(split_file("tuberlin", None))) == 30
@@ -98,7 +98,7 @@ def test_builtin_splits_and_unknown_split(tmp_path):
 
 def test_tuberlin_sake_split_matches_the_download_spelling(tmp_path):
     """SAKE's list names classes as TU-Berlin's folders do ('bottle opener', 'frying-pan')."""
-    from data.datasets import read_class_list, split_file
+    from data.layouts import read_class_list, split_file
     sake = read_class_list(split_file("tuberlin", "tuberlin_sake30"))
     folders = ["airplane", "zebra", "bottle opener", "frying-pan", "t-shirt", "hot air balloon"]
     folders += [c for c in sake if c not in ("bottle_opener", "frying-pan", "t-shirt", "hot_air_balloon")]
@@ -166,7 +166,7 @@ def test_checker_exit_codes_and_empty_class(tmp_path, capsys):
 
 
 def test_sake_cname_cid_files_read_as_class_lists(tmp_path):
-    from data.datasets import read_class_list
+    from data.layouts import read_class_list
     f = tmp_path / "cname_cid_zero.txt"
     f.write_text("fire hydrant 0\nteddy-bear 1\ntree\n")
     assert read_class_list(f) == ["fire_hydrant", "teddy-bear", "tree"]

@@ -210,3 +210,17 @@ def test_run_or_sweep_folder_on_a_users_files_is_refused_before_hydra_writes(tmp
     r = train_cli("-m", *TINY, "seed=0,1", f"hydra.sweep.dir={sweep}")
     assert r.returncode == 1 and "which no sweep of this project wrote" in r.stderr
     assert (sweep / "multirun.yaml").read_text() == "mine" and afile.read_text() == "keep"
+
+
+def test_a_sweep_whose_first_job_fails_to_start_leaves_nothing(tmp_path, monkeypatch):
+    """Hydra writes multirun.yaml before any job runs; when the first job fails to start, the sweep
+    folder it made goes again, but a sweep folder the user made beforehand stays."""
+    monkeypatch.delenv("MA_SBIR_SKETCHY", raising=False)
+    new = tmp_path / "sweeps" / "new"
+    r = train_cli("-m", "model=tiny", "dataset=sketchy", "seed=0,1", f"hydra.sweep.dir={new}")
+    assert r.returncode == 1 and "no root folder given" in r.stderr
+    assert not new.exists() and (tmp_path / "sweeps").is_dir()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    r = train_cli("-m", "model=tiny", "dataset=sketchy", "seed=0,1", f"hydra.sweep.dir={mine}")
+    assert r.returncode == 1 and mine.is_dir() and os.listdir(mine) == ["multirun.yaml"]

@@ -64,12 +64,12 @@ def test_warmup_then_constant_or_linear():
 def test_test_loss_selection_is_the_authors_and_is_labelled(tmp_path, tiny_train_cfg, monkeypatch):
     """train.select=test_loss keeps the epoch with the lowest weighted test-split loss (eval mode,
     fp32; ties go to the later epoch as in the authors' `<=`), and says so everywhere."""
-    import pipeline.train as trainer_module
+    import pipeline.selection as selection_module
     from pipeline.infer import infer
     from pipeline.evaluate import evaluate
     from tests.conftest import compose_cfg
     losses = iter([0.7, 0.5, 0.5, 0.9])
-    monkeypatch.setattr(trainer_module, "split_loss", lambda *a, **k: next(losses))
+    monkeypatch.setattr(selection_module, "split_loss", lambda *a, **k: next(losses))
     run = tmp_path / "run"
     result = train(tiny_train_cfg("train.epochs=4", "train.select=test_loss", "dataset.cls_ratio=1.0"), run)
     assert [h["score"] for h in result["history"]] == [-0.7, -0.5, -0.5, -0.9]

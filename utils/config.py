@@ -1,12 +1,13 @@
 """Config entry checks of train, infer and evaluate: the authors' key names mapped to ours, and
-every value's type and range validated before any work, with one clear error per bad value."""
-import math
+every value checked by its schema field's check (utils/schema.py) before any work, all bad values
+in one clear error."""
+from dataclasses import fields, is_dataclass
 
 from omegaconf import OmegaConf, open_dict
 
 from utils.runtime import UserError
+from utils.schema import SCHEMAS
 
-PRECISIONS = ("bf16", "fp16", "fp32")
 PROTOCOLS = ("default", "hits_over_k", "noninterp")
 
 
@@ -96,139 +97,34 @@ def _drop(cfg, dotted):
             node.pop(leaf)
 
 
-# ---- value checks -------------------------------------------------------------------------------
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
+def rules(schema, prefix=""):
+    """{dotted key: value check} of every field of a schema dataclass, the authors' aliases left out
+    (apply_aliases has moved them onto our keys)."""
+    found = {}
+    for f in fields(schema):
+        if is_dataclass(f.type):
+            found.update(rules(f.type, f"{prefix}{f.name}."))
+        elif not f.metadata.get("alias"):
+            found[f"{prefix}{f.name}"] = f.metadata["check"]
+    return found
 
 
-def _is_num(v):
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-
-
-def integer(lo=None, hi=None, optional=False):
-    def check(v):
-        if v is None and optional:
-            return None
-        if not _is_int(v):
-            return "a whole number"
-        if (lo is not None and v < lo) or (hi is not None and v > hi):
-            return f"a whole number {_range(lo, hi)}"
-    return check
-
-
-def number(lo=None, hi=None, lo_open=False, hi_open=False, optional=False):
-    def check(v):
-        if v is None and optional:
-            return None
-        bad = not _is_num(v) or (lo is not None and (v <= lo if lo_open else v < lo)) \
-            or (hi is not None and (v >= hi if hi_open else v > hi))
-        if bad:
-            left = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
-            right = "" if hi is None else (f"< {hi}" if hi_open else f"<= {hi}")
-            return "a finite number " + " and ".join(x for x in (left, right) if x)
-    return check
-
-
-def _range(lo, hi):
-    if hi is None:
-        return f">= {lo}"
-    return f"from {lo} to {hi}" if lo is not None else f"<= {hi}"
-
-
-def one_of(*choices, optional=False):
-    def check(v):
-        if v is None and optional:
-            return None
-        if isinstance(v, bool) or not isinstance(v, str) or v not in choices:
-            return "one of " + ", ".join(map(str, choices))
-    return check
-
-
-def boolean(v):
-    if not isinstance(v, bool):
-        return "true or false"
-
-
-def text(optional=False):
-    def check(v):
-        if v is None and optional:
-            return None
-        if not isinstance(v, (str, int)) or isinstance(v, bool) or v == "":
-            return "a name or path"
-    return check
-
-
-def dataset_id(optional=False):
-    def check(v):
-        if v is None and optional:
-            return None
-        if isinstance(v, bool) or not isinstance(v, (str, int)):
-            return "a dataset index (0, 1, 2) or name"
-    return check
-
-
-def dataset_list(v):
-    if not OmegaConf.is_list(v) and not isinstance(v, list) or len(v) == 0:
-        return "a non-empty list of dataset indices or names, e.g. [2]"
-    if any(dataset_id()(x) for x in v):
-        return "a list of dataset indices (0, 1, 2) or names"
-
-
-TRAIN_RULES = {
-    "seed": integer(0, 2**32 - 1), "device": text(), "resume": text(optional=True),
-    "train.epochs": integer(1, 100_000), "train.batch_size": integer(1, 1_000_000),
-    "train.accum_steps": integer(1, 100_000), "train.lr": number(0, 1, lo_open=True),
-    "train.clip_lr": number(0, 1), "train.weight_decay": number(0, 10),
-    "train.warmup_ratio": number(0, 1, hi_open=True), "train.warmup_steps": integer(0, optional=True),
-    "train.schedule": one_of("constant", "linear"), "train.precision": one_of(*PRECISIONS),
-    "train.num_workers": integer(0, 256), "train.pin_memory": boolean, "train.shuffle": boolean,
-    "train.grad_clip": number(0), "train.log_every": integer(1), "train.eval_every": integer(1),
-    "train.select": one_of("auto", "last", "val_map", "test_loss"),
-    "train.save_every_steps": integer(0), "train.on_nonfinite": one_of("stop", "skip"),
-    "train.gather_with_grad": boolean, "train.compile": boolean,
-    "train.beta1": number(0, 1, hi_open=True), "train.beta2": number(0, 1, hi_open=True),
-    "train.eps": number(0, 1, lo_open=True),
-    "eval.chunk_size": integer(1, 1_000_000),
-    "model.backbone": text(), "model.pretrained": text(optional=True), "model.n_mode": integer(4, 1024),
-    "model.temperature": number(-20, 20), "model.max_length": integer(2, 77, optional=True),
-    "model.quick_gelu": lambda v: None if v is None else boolean(v),
-    **{f"model.{k}_loss_ratio": number(0, 1e6) for k in ("clip", "sem", "rec", "disc", "orth")},
-    "dataset.train_idx": dataset_list, "dataset.test_idx": dataset_id(),
-    "dataset.valid_idx": dataset_id(optional=True), "dataset.cls_ratio": number(0, 1, lo_open=True),
-    "dataset.train_partial_ratio": number(0, 1, lo_open=True),
-    "dataset.valid_partial_ratio": number(0, 1, lo_open=True),
-    "dataset.split_seed": integer(0, 2**32 - 1), "dataset.augment": boolean,
-    "dataset.on_bad_image": one_of("error", "skip"), "dataset.max_image_pixels": integer(1, optional=True),
-    "dataset.split": text(optional=True), "dataset.unseen_file": text(optional=True),
-    "dataset.cache": lambda v: None if isinstance(v, (bool, str)) and v != "" else "true, false or a folder",
-    "logger.wandb.mode": one_of("online", "offline", "disabled"),
-}
-INFER_RULES = {
-    "path": text(), "mode": one_of("best", "last"), "device": text(), "batch_size": integer(1, 1_000_000),
-    "num_workers": integer(0, 256), "precision": one_of(*PRECISIONS),
-    "dataset.test_idx": dataset_id(optional=True), "dataset.generalized": boolean,
-    "dataset.max_image_pixels": integer(1, optional=True), "allow_class_overlap": boolean,
-}
-EVAL_RULES = {
-    "path": text(), "mode": one_of("best", "last"), "dataset.test_idx": dataset_id(optional=True),
-    "eval.device": text(), "eval.chunk_size": integer(1, 1_000_000), "eval.generalized": boolean,
-    "eval.topk": integer(1, 10_000), "eval.report.enabled": boolean, "eval.report.n_queries": integer(0),
-    "eval.report.grid_queries": integer(0), "eval.report.grid_kind": one_of("original", "converted"),
-    "eval.report.seed": integer(0), "allow_class_overlap": boolean,
-}
-RULES = {"train": TRAIN_RULES, "infer": INFER_RULES, "eval": EVAL_RULES}
+RULES = {kind: rules(schema) for kind, schema in SCHEMAS.items()}
 
 
 def validate(cfg, kind):
-    """Raise one UserError naming each bad value and what it must be."""
-    problems = []
+    """Raise one UserError naming each bad or absent value and what it must be, so that a config
+    that passes holds every key of its schema."""
+    problems, absent = [], object()
     for key, check in RULES[kind].items():
         try:
-            value = OmegaConf.select(cfg, key, throw_on_missing=True)
+            value = OmegaConf.select(cfg, key, default=absent, throw_on_missing=True)
         except Exception:  # a missing mandatory value (???) or a broken interpolation
+            value = absent
+        if value is absent:
             problems.append(f"{key} is not set")
             continue
-        if OmegaConf.is_config(value) and check not in (dataset_list,):
+        if OmegaConf.is_config(value) and not getattr(check, "takes_group", False):
             problems.append(f"{key}={_show(value)} must be a single value, not a group")
             continue
         want = check(value)
@@ -236,26 +132,25 @@ def validate(cfg, kind):
             problems.append(f"{key}={_show(value)} must be {want}")
     if kind == "eval":
         problems += _protocol_problems(cfg)
-    if kind == "train":
-        problems += _unknown_train_keys(cfg)
+    problems += _unknown_keys(cfg, SCHEMAS[kind], kind)
     if problems:
         raise UserError("bad config value(s): " + "; ".join(problems) + ". Fix them on the command line "
                         "(key=value) or in setting/.")
     return cfg
 
 
-TRAIN_TOP = {"seed", "device", "resume", "train", "eval", "model", "dataset", "logger", "run"}
-
-
-def _unknown_train_keys(cfg):
-    """Keys added with `+` that nothing reads (`+train.betas=...`, `+foo=1`): refused, not ignored."""
-    known = {k for k in TRAIN_RULES if k.startswith(("train.", "eval."))}
-    unknown = sorted(k for k in cfg if k not in TRAIN_TOP)
-    for group in ("train", "eval"):
-        node = cfg.get(group)
-        if OmegaConf.is_dict(node):
-            unknown += sorted(f"{group}.{k}" for k in node if f"{group}.{k}" not in known)
-    return [f"{k} is not a setting (nothing reads it; see setting/config-train.yaml)" for k in unknown]
+def _unknown_keys(cfg, schema, kind, prefix=""):
+    """Keys that nothing reads (`+train.betas=...`, `+foo=1` in a resumed run's overrides, or a
+    hand-made config): refused, not ignored."""
+    known = {f.name: f.type for f in fields(schema)}
+    problems = []
+    for key in cfg:
+        if key not in known:
+            if not (kind == "train" and not prefix and key == "run"):  # train.py's record of the classes
+                problems.append(f"{prefix}{key} is not a setting (nothing reads it; see utils/schema.py)")
+        elif is_dataclass(known[key]) and OmegaConf.is_dict(cfg[key]):
+            problems += _unknown_keys(cfg[key], known[key], kind, f"{prefix}{key}.")
+    return problems
 
 
 def _show(v):

@@ -15,6 +15,7 @@ from utils.runtime import UserError
 
 MARKER = ".ma-sbir-run"
 STARTED = time.time()  # this process's start (the module is imported before Hydra makes folders)
+FRESH_SWEEPS = set()  # sweep folders FolderGuard saw absent before Hydra made them (in this process)
 
 
 def _holder_text(f):
@@ -26,9 +27,40 @@ def _holder_text(f):
     return f"process {h.get('pid')} on {h.get('host')} (started {h.get('started')}: {h.get('command')})"
 
 
+class InferOutput:
+    """infer_output/<mode>/<dataset>[-gzs]/ of a run: what infer.py writes (embeddings, index.csv,
+    infer_meta.json) and what evaluate.py writes beside them. The *_logits.pt names are the seed's;
+    the files hold embeddings."""
+    EMBEDDINGS = ("img", "txt", "converted")
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def __str__(self):
+        return str(self.path)
+
+    def __fspath__(self):
+        return str(self.path)
+
+    def __truediv__(self, name):
+        return self.path / name
+
+    def embeddings(self, kind):
+        return self.path / f"{kind}_logits.pt"
+
+    index = property(lambda self: self.path / "index.csv")
+    meta = property(lambda self: self.path / "infer_meta.json")
+    result = property(lambda self: self.path / "eval_result.json")
+    report_html = property(lambda self: self.path / "report.html")
+    report_grid = property(lambda self: self.path / "report_grid.png")
+    report_images = property(lambda self: self.path / "report_images")
+    results = property(lambda self: [self.result, self.report_html, self.report_grid, self.report_images])
+    run = property(lambda self: RunFolder(self.path.parent.parent.parent))
+
+
 class RunFolder:
     """A run folder: `outputs/<date>/<time>/` with config.yaml, train.log, model/{best,last}.pth,
-    infer_output/<mode>/<dataset>/. Writing into it needs `claim()`; reading does not."""
+    infer_output/<mode>/<dataset>/ (InferOutput). Writing into it needs `claim()`; reading does not."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -50,7 +82,13 @@ class RunFolder:
         return self.path / "infer_output" / mode
 
     def infer_output(self, mode, key, generalized=False):
-        return self.infer_root(mode) / (f"{key}-gzs" if generalized else str(key))
+        return InferOutput(self.infer_root(mode) / (f"{key}-gzs" if generalized else str(key)))
+
+    @staticmethod
+    def results_under(folder):
+        """eval_result.json of every run at or below `folder`."""
+        pattern = "infer_output/*/*/eval_result.json"
+        return sorted(set(Path(folder).glob(pattern)) | set(Path(folder).glob(f"**/{pattern}")))
 
     index_dir = property(lambda self: self.path / "index")  # search galleries (retrieval/gallery.py)
 
@@ -175,6 +213,15 @@ def remove_empty_run_folder(folder):
         remove_if_empty(folder.parent)
 
 
+def remove_unused_sweep(folder):
+    """A sweep folder that this process's sweep made and that holds only Hydra's multirun.yaml (its
+    first job failed to start): removed, with Hydra's date folder above it when left empty."""
+    folder = Path(folder)
+    if folder.resolve() in FRESH_SWEEPS and [p.name for p in folder.iterdir()] == ["multirun.yaml"]:
+        (folder / "multirun.yaml").unlink()
+        remove_empty_run_folder(folder)
+
+
 def find_run(path):
     """A run folder as given, or relative to outputs/ as the authors' infer.py takes it
     (path=2024-05-10/22-31-19)."""
@@ -190,16 +237,18 @@ GROUPS = ("dataset", "model", "experiment", "hydra/launcher")
 
 
 def current_defaults():
-    """This version's defaults of train.*, eval.*, logger.* and the dataset keys, for runs started by
-    an older version that lack some of them."""
-    setting = Path(__file__).resolve().parent.parent / "setting"
-    base = OmegaConf.load(setting / "config-train.yaml")
-    for key in ("defaults", "hydra", "num_workers", "pin_memory", "use_mixed_precision"):
-        base.pop(key)
-    for key in ("gradient_accumulation_steps", "log_every_step", "eval_every_epoch"):
-        base.train.pop(key)
-    base.dataset = OmegaConf.load(setting / "dataset" / "real.yaml")
-    base.dataset.pop("root")
+    """This version's defaults (utils/schema.py), untyped and without the authors' aliases, under the
+    config of a run started by an older version that lacks some keys. model.max_length and
+    model.quick_gelu stay null there: the behaviour of runs from before those keys (77 tokens, the
+    activation the weights name)."""
+    from utils.config import rules
+    from utils.schema import TrainConfig
+    typed = OmegaConf.structured(TrainConfig)
+    base = OmegaConf.create()
+    for key in rules(TrainConfig):
+        if key != "dataset.root" and not OmegaConf.is_missing(typed, key):
+            OmegaConf.update(base, key, OmegaConf.select(typed, key), force_add=True)
+    base.model.max_length = base.model.quick_gelu = None
     return base
 
 
@@ -242,6 +291,8 @@ class FolderGuard:
         folder = Path(str(config.hydra.sweep.dir))
         if folder.exists() and not folder.is_dir():
             _refuse(f"hydra.sweep.dir={folder} is a file; choose a folder for the sweep.")
+        if not folder.exists():
+            FRESH_SWEEPS.add(folder.resolve())
         entries = list(folder.iterdir()) if folder.is_dir() else []
         runs = [p for p in entries if RunFolder(p).is_run()]
         ours = {"multirun.yaml", ".submitit"} if runs else set()  # Hydra's own files beside our runs

@@ -114,6 +114,19 @@ class StopRequested:
             signal.signal(sig, old)
 
 
+def sigterm_handler(handler):
+    """Install a SIGTERM handler and return the previous one (None off the main thread)."""
+    try:
+        return signal.signal(signal.SIGTERM, handler) if handler is not None else None
+    except ValueError:  # not the main thread: signals are the main thread's
+        return None
+
+
+def exit_on_sigterm(signum, frame):
+    """SIGTERM while a run is being set up: an exception, so that the failed start is cleaned up."""
+    raise SystemExit(128 + signum)
+
+
 def init_wandb(cfg, run_dir, run_id):
     """wandb as configured; never fails a run for lack of network or login (falls back)."""
     from omegaconf import OmegaConf
@@ -125,7 +138,7 @@ def init_wandb(cfg, run_dir, run_id):
     except ImportError:
         log.warning("wandb is not installed; logging to train.log only.")
         return None
-    kwargs = dict(project=cfg.logger.wandb.project, name=cfg.logger.wandb.get("name"),
+    kwargs = dict(project=cfg.logger.wandb.project, name=cfg.logger.wandb.name,
                   dir=str(run_dir), id=run_id, resume="allow",
                   config=OmegaConf.to_container(cfg, resolve=True))
     for try_mode in dict.fromkeys([mode, "offline"]):
