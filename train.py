@@ -6,7 +6,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from pipeline.train import train
-from utils.run_folder import made_by_this_process, remove_empty_run_folder, remove_unused_sweep, resume_config
+from utils.hydra_folders import remove_unused_sweep
+from utils.run_folder import made_by_this_process, remove_empty_run_folder, resume_config
 from utils.runtime import run_cli
 from utils.schema import register
 
