@@ -99,7 +99,7 @@ def hit_ranks(sims, relevant):
     return torch.flip(above, dims=[1]) + 1
 
 
-BLOCK = 32  # photos per block when looking for the top k
+BLOCK = 8  # photos per block when looking for the top k
 
 
 def top_indices(sims, k):
