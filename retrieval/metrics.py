@@ -16,6 +16,7 @@ Queries without any relevant photo get NaN and are left out of the means.
 import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 import torch
@@ -194,39 +195,42 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
     by_label = torch.argsort(q_labels, stable=True)  # each chunk holds runs of one label
     workers = torch.get_num_threads() if device.type == "cpu" else 1
 
-    def rank(job):
-        idx, sims = job[:2]
-        if len(job) == 2:
-            top[idx] = top_indices(sims, topk).cpu()
-            return
-        out = _group_metrics(hit_ranks(sims, job[2]), ap_cut, ks, protocols)
-        for k, v in out.items():
+    def rank_top(idx, sims):
+        top[idx] = top_indices(sims, topk).cpu()
+
+    def rank_group(idx, sims, rel):
+        for k, v in _group_metrics(hit_ranks(sims, rel), ap_cut, ks, protocols).items():
             per_query[k][idx] = v.cpu()
 
     with ThreadPoolExecutor(workers) as pool:
         for s in tqdm(range(0, queries.shape[0], chunk_size), desc=desc, disable=not progress, leave=False):
             idx = by_label[s:s + chunk_size]
             sims = queries[idx].to(device) @ gallery.T
-            jobs = [(idx, sims)]
+            jobs = [(len(idx), partial(rank_top, idx, sims))]  # (rows, job), largest first below
             labels, counts = torch.unique_consecutive(q_labels[idx], return_counts=True)
             start = 0
             for lab, count in zip(labels.tolist(), counts.tolist()):
                 if relevant[lab].numel():  # else no relevant photo: NaN, as the seed
-                    jobs.append((idx[start:start + count], sims[start:start + count], relevant[lab]))
+                    rows = slice(start, start + count)
+                    jobs.append((count, partial(rank_group, idx[rows], sims[rows], relevant[lab])))
                 start += count
-            with _one_thread_per_op(workers > 1):
-                list(pool.map(rank, sorted(jobs, key=lambda j: -len(j[0]))))
+            jobs = [job for _, job in sorted(jobs, key=lambda j: -j[0])]
+            if len(jobs) >= workers > 1:
+                with _one_thread_per_op():
+                    list(pool.map(lambda job: job(), jobs))
+            else:  # one core, a GPU, or too few groups to fill the cores: threads within each job
+                for job in jobs:
+                    job()
     return {k: v.numpy() for k, v in per_query.items()}, top.numpy()
 
 
 @contextmanager
-def _one_thread_per_op(active):
+def _one_thread_per_op():
     """Ranking runs many small operations; on a shared machine their intra-op threads wait on each
     other at every barrier, so the pool's threads rank whole groups side by side instead, each
     operation on one thread. The matrix products keep all threads."""
     threads = torch.get_num_threads()
-    if active:
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
