@@ -14,6 +14,9 @@ Protocols:
 Queries without any relevant photo get NaN and are left out of the means.
 """
 import math
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 import torch
@@ -35,51 +38,95 @@ def order_keys(values, index, n):
     return bits.to(torch.int64) * (1 << 32) + (n - 1 - index)
 
 
+def _bucket_map(rel_sims, nb):
+    """Per row, scale and offset putting the row's relevant similarities into buckets 1 .. nb - 2 of
+    trunc(sims * scale + offset): a multiply and an add, each rounded once, so the map is monotone
+    and photos in different buckets compare as their buckets do. The scale is capped so that
+    nothing overflows into NaN (all relevant photos equally similar: one narrow bucket)."""
+    lo = rel_sims.amin(1, keepdim=True).double()
+    hi = rel_sims.amax(1, keepdim=True).double()
+    cap = 2.0 ** 100 / torch.maximum(lo.abs(), hi.abs()).clamp_(min=1.0)
+    scale = torch.minimum((nb - 3) / (hi - lo), cap)
+    return scale.float(), (1.5 - lo * scale).float()
+
+
 def hit_ranks(sims, relevant):
     """1-based ranks of the relevant gallery items in each row of `sims` [n, G] (rows that share
     the relevant set), ascending: [n, P].
 
-    Never sorts the gallery. Each row's similarities are cut into G equal-width buckets, a
-    monotone map, so photos in different buckets compare as their buckets do: a prefix count of
-    the relevant photos per bucket gives every photo the number of relevant photos ranked below
-    it. Only photos that share a bucket with a relevant photo (a few per relevant photo) are
-    compared exactly, by binary search among the row's sorted relevant keys. A histogram of those
+    Never sorts the gallery. A monotone map cuts each row into G buckets spanning its relevant
+    photos; a table over the buckets gives every photo the number of relevant photos below it,
+    except photos sharing a bucket with a relevant photo (a few per relevant photo), which are
+    placed exactly by binary search among the row's sorted relevant keys. A histogram of those
     counts gives, for each relevant photo, the photos ranked above it."""
     n, g = sims.shape
     p = relevant.numel()
-    lo, hi = torch.aminmax(sims, dim=1, keepdim=True)
-    width = hi - lo
-    scale = torch.where(width > 0, (g - 1) / width, torch.zeros_like(width))
-    bucket = (sims - lo).mul_(scale).to(torch.int64).clamp_(0, g - 1)
-    rel_bucket = bucket[:, relevant]
-    # below_bucket[r, b]: relevant photos of row r in buckets < b, plus the row's histogram offset
-    below_bucket = torch.zeros((n, g + 1), dtype=torch.int64, device=sims.device)
-    below_bucket.scatter_add_(1, rel_bucket + 1, torch.ones_like(rel_bucket)).cumsum_(1)
-    shared = below_bucket[:, 1:] != below_bucket[:, :-1]
-    base = torch.arange(n, device=sims.device) * (p + 1)
-    below = torch.gather(below_bucket.add_(base[:, None]), 1, bucket)
-    r, i = torch.gather(shared, 1, bucket).nonzero(as_tuple=True)
-    rel_keys = torch.sort(order_keys(sims[:, relevant], relevant, g), dim=1).values
-    below[r, i] = _search_rows(rel_keys, r, order_keys(sims[r, i], i, g)) + base[r]
-    counts = torch.bincount(below.view(-1), minlength=n * (p + 1)).view(n, p + 1)
+    dev = sims.device
+    rel_sims = sims.index_select(1, relevant)
+    rel_keys, perm = torch.sort(order_keys(rel_sims, relevant, g), dim=1)
+    scale, offset = _bucket_map(rel_sims, g)
+    bucket = torch.mul(sims, scale).add_(offset).clamp_min_(0).clamp_max_(g - 1).to(torch.int32)
+    bucket = bucket.add_(torch.arange(0, n * (g + 1), g + 1, dtype=torch.int32, device=dev)[:, None]).view(-1)
+    rel_bucket = bucket.view(n, g).index_select(1, relevant).gather(1, perm).long()  # ascending
+    t = torch.arange(p, device=dev).expand(n, p)
+    first = torch.ones((n, p), dtype=torch.bool, device=dev)  # first relevant photo of its bucket
+    torch.ne(rel_bucket[:, 1:], rel_bucket[:, :-1], out=first[:, 1:])
+    width = int((t - torch.where(first, t, 0).cummax(1).values).max()) + 1  # most in one bucket
+    stride = p + width  # a row of sorted relevant keys and `width` sentinels
+    rel_flat = (torch.arange(0, n * stride, stride, device=dev)[:, None] + t)
+    # table[bucket]: flat index of the first relevant photo in or above it; bitwise-not: it holds one
+    table = torch.zeros((n, g + 1), dtype=torch.int32, device=dev)
+    ones = torch.ones(1, dtype=torch.int32, device=dev).expand(n * p)
+    table.view(-1).index_add_(0, rel_bucket.view(-1) + 1, ones)
+    table = table.cumsum_(1).add_(rel_flat[:, :1].int()).view(-1)
+    table.index_copy_(0, rel_bucket.masked_select(first), ~rel_flat.masked_select(first).int())
+    below = table.index_select(0, bucket)
+    below.view(n, g).scatter_(1, relevant[perm], rel_flat.int())
+    r, col = (below.view(n, g) < 0).nonzero(as_tuple=True)
+    pos = r * g + col
+    key = order_keys(sims.reshape(-1).index_select(0, pos), col, g)
+    padded = torch.full((n, stride), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
+    padded[:, :p] = rel_keys
+    padded = padded.view(-1)
+    lo = ~below.index_select(0, pos).long()
+    hi = lo + width  # past the bucket: keys of higher buckets or sentinels, all above the photo's
+    for _ in range(width.bit_length()):
+        mid = (lo + hi) >> 1
+        less = padded.index_select(0, mid) < key
+        lo, hi = torch.where(less, mid + 1, lo), torch.where(less, hi, mid)
+    below.index_copy_(0, pos, lo.int())
+    counts = torch.bincount(below, minlength=n * stride).view(n, stride)[:, :p + 1]
     above = torch.flip(torch.cumsum(torch.flip(counts, dims=[1]), dim=1), dims=[1])[:, 1:]
     return torch.flip(above, dims=[1]) + 1
 
 
-def _search_rows(sorted_keys, rows, keys):
-    """For each key, how many keys of its row of `sorted_keys` are smaller (`rows` ascending,
-    every row present: each holds at least its own relevant photos)."""
-    n = sorted_keys.shape[0]
-    per_row = torch.bincount(rows, minlength=n)
-    col = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(per_row, 0) - per_row)[rows]
-    padded = torch.zeros((n, int(per_row.max())), dtype=torch.int64, device=rows.device)
-    padded[rows, col] = keys
-    return torch.searchsorted(sorted_keys, padded)[rows, col]
+BLOCK = 8  # photos per block when looking for the top k
 
 
 def top_indices(sims, k):
-    """The k best gallery indices of each row in ranking order, ties to the lower index: a float
-    top-k finds each row's k-th value, then everything at least as similar is ordered exactly."""
+    """The k best gallery indices of each row in ranking order, ties to the lower index. Photos
+    j, j + m, j + 2m, ... (m = G // BLOCK) form block j; only the blocks whose best similarity is
+    among the k best blocks' (and the photos past BLOCK * m) can hold the top k: those are ordered
+    exactly. Rows where the k-th and (k+1)-th best blocks tie take the full-row path."""
+    n, g = sims.shape
+    m = g // BLOCK
+    if k == 0 or m <= k:
+        return _top_exact(sims, k)
+    best, which = torch.topk(sims[:, :BLOCK * m].reshape(n, BLOCK, m).amax(1), k + 1, dim=1)
+    steps = torch.arange(0, BLOCK * m, m, device=sims.device)
+    cols = torch.cat([(which[:, :k, None] + steps).view(n, k * BLOCK),
+                      torch.arange(BLOCK * m, g, device=sims.device).expand(n, g - BLOCK * m)], 1)
+    order = torch.topk(order_keys(sims.gather(1, cols), cols, g), k, dim=1).indices
+    top = cols.gather(1, order)
+    unsure = (best[:, k - 1] == best[:, k]).nonzero()[:, 0]
+    if unsure.numel():
+        top[unsure] = _top_exact(sims[unsure], k)
+    return top
+
+
+def _top_exact(sims, k):
+    """top_indices over whole rows: a float top-k finds each row's k-th value, then everything at
+    least as similar is ordered exactly."""
     n, g = sims.shape
     if k == 0:
         return torch.zeros((n, 0), dtype=torch.int64, device=sims.device)
@@ -136,7 +183,8 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
     gallery = torch.as_tensor(gallery, dtype=torch.float32).to(device)
     g_lab = torch.as_tensor(np.asarray(g_labels)).to(device)
     queries = torch.as_tensor(queries, dtype=torch.float32)
-    if not (torch.isfinite(queries).all() and torch.isfinite(gallery).all()):
+    if not all(torch.isfinite(x.amax()) and torch.isfinite(x.amin()) for x in (queries, gallery)
+               if x.numel()):
         raise ValueError("embeddings contain NaN or infinite values; similarities cannot be ranked.")
     q_labels = torch.as_tensor(np.asarray(q_labels))
     relevant = {int(l): (g_lab == l).nonzero()[:, 0] for l in torch.unique(q_labels).tolist()}
@@ -145,21 +193,48 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
     topk = min(topk, gallery.shape[0])
     top = torch.zeros((queries.shape[0], topk), dtype=torch.int64)
     by_label = torch.argsort(q_labels, stable=True)  # each chunk holds runs of one label
-    for s in tqdm(range(0, queries.shape[0], chunk_size), desc=desc, disable=not progress, leave=False):
-        idx = by_label[s:s + chunk_size]
-        sims = queries[idx].to(device) @ gallery.T
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+
+    def rank_top(idx, sims):
         top[idx] = top_indices(sims, topk).cpu()
-        labels, counts = torch.unique_consecutive(q_labels[idx], return_counts=True)
-        start = 0
-        for lab, count in zip(labels.tolist(), counts.tolist()):
-            rows = slice(start, start + count)
-            start += count
-            if relevant[lab].numel() == 0:
-                continue  # no relevant photo: NaN, as the seed
-            out = _group_metrics(hit_ranks(sims[rows], relevant[lab]), ap_cut, ks, protocols)
-            for k, v in out.items():
-                per_query[k][idx[rows]] = v.cpu()
+
+    def rank_group(idx, sims, rel):
+        for k, v in _group_metrics(hit_ranks(sims, rel), ap_cut, ks, protocols).items():
+            per_query[k][idx] = v.cpu()
+
+    with ThreadPoolExecutor(workers) as pool:
+        for s in tqdm(range(0, queries.shape[0], chunk_size), desc=desc, disable=not progress, leave=False):
+            idx = by_label[s:s + chunk_size]
+            sims = queries[idx].to(device) @ gallery.T
+            jobs = [(len(idx), partial(rank_top, idx, sims))]  # (rows, job), largest first below
+            labels, counts = torch.unique_consecutive(q_labels[idx], return_counts=True)
+            start = 0
+            for lab, count in zip(labels.tolist(), counts.tolist()):
+                if relevant[lab].numel():  # else no relevant photo: NaN, as the seed
+                    rows = slice(start, start + count)
+                    jobs.append((count, partial(rank_group, idx[rows], sims[rows], relevant[lab])))
+                start += count
+            jobs = [job for _, job in sorted(jobs, key=lambda j: -j[0])]
+            if len(jobs) >= workers > 1:
+                with _one_thread_per_op():
+                    list(pool.map(lambda job: job(), jobs))
+            else:  # one core, a GPU, or too few groups to fill the cores: threads within each job
+                for job in jobs:
+                    job()
     return {k: v.numpy() for k, v in per_query.items()}, top.numpy()
+
+
+@contextmanager
+def _one_thread_per_op():
+    """Ranking runs many small operations; on a shared machine their intra-op threads wait on each
+    other at every barrier, so the pool's threads rank whole groups side by side instead, each
+    operation on one thread. The matrix products keep all threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def summarize(per_query):
