@@ -87,7 +87,7 @@ class Searcher:
                                     index_folder(run, cfg.gallery, ix.get("cache_dir")), cfg.gallery,
                                     self.checkpoint, int(cfg.batch_size), int(cfg.num_workers),
                                     self.precision, float(ix.save_every_s), progress)
-        self.ann = gallery_ann(self.gallery, ix.kind, ix.hnsw_m, ix.ef_construction, ix.ef_search)
+        self.ann = gallery_ann(self.gallery, ix.kind, ix.hnsw_m, ix.ef_construction, ix.ef_search, progress)
 
     @torch.no_grad()
     def _finish(self, z, mode, query_mode):
