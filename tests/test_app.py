@@ -113,6 +113,8 @@ def test_gradio_client_words_upload_and_empty_canvas(app, demo_root):
 
     with pytest.raises(Exception, match="draw something first"):
         client.predict("draw", None, None, "sketch", "", "converted", K, api_name="/search")
+    with pytest.raises(Exception, match="no image uploaded: upload a sketch or a photo first"):
+        client.predict("upload", None, None, "photo", "", "converted", K, api_name="/search")
 
 
 def test_uploaded_photo_is_embedded_as_a_photo_like_search_py(app, demo_root, tmp_path):
