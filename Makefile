@@ -10,7 +10,7 @@ $(STAMP): requirements.txt requirements-test.txt requirements-app.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-test.txt
-	$(PY) -m pip install -q --no-deps -r requirements-app.txt
+	$(PY) -m pip install -q -r requirements-app.txt
 	touch $(STAMP)
 
 install: $(STAMP)

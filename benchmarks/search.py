@@ -3,10 +3,11 @@ the same images) and single-query latency over random normalised vectors for fai
 (with recall@10 against exact) and torch matmul + topk, with memory.
 
 python -m benchmarks.search indexing [--backbone ma-tiny --images 1000]
-python -m benchmarks.search latency [--sizes 10000 100000 1000000 --hnsw-max 100000]
+python -m benchmarks.search latency [--sizes 10000 100000 1000000 --hnsw-max 100000 --ef-search 128 512]
 """
 import argparse
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -73,7 +74,8 @@ def _percentiles(fn, queries):
 def latency(args):
     rng = np.random.default_rng(0)
     d, k = args.dim, 10
-    print(f"single-query latency, k={k}, d={d}, {args.queries} random queries, {torch.get_num_threads()} threads")
+    print(f"single-query latency, k={k}, d={d}, {args.queries} random queries, {torch.get_num_threads()} threads "
+          f"(graph build: {args.build_threads or args.threads}); load average {os.getloadavg()}")
     print("| vectors | method | build s | p50 ms | p95 ms | recall@10 | memory MiB | p50 vs torch |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for n in args.sizes:
@@ -87,22 +89,29 @@ def latency(args):
         rows = [("torch matmul+topk", 0.0, torch_p50, torch_p95, 1.0, db.nbytes)]
         kinds = ["flat"] + (["hnsw"] if n <= args.hnsw_max else [])
         for kind in kinds:
+            faiss.omp_set_num_threads(args.build_threads or args.threads)
             start = time.perf_counter()
-            index = build_ann(db, kind, args.hnsw_m, args.ef_construction, args.ef_search)
+            index = build_ann(db, kind, args.hnsw_m, args.ef_construction, args.ef_search[0])
             build_s = time.perf_counter() - start
-            p50, p95 = _percentiles(lambda q: index.search(q[None], k), queries)
-            found = [set(index.search(q[None], k)[1][0].tolist()) for q in queries]
-            recall = np.mean([len(f & e) / k for f, e in zip(found, exact)])
+            faiss.omp_set_num_threads(args.threads)
             memory = faiss.serialize_index(index).nbytes
-            name = "faiss IndexFlatIP" if kind == "flat" else \
-                f"faiss HNSW M={args.hnsw_m} efC={args.ef_construction} efS={args.ef_search}"
-            rows.append((name, build_s, p50, p95, recall, memory))
+            for ef in args.ef_search if kind == "hnsw" else [None]:
+                if ef is not None:
+                    index.hnsw.efSearch = ef
+                p50, p95 = _percentiles(lambda q: index.search(q[None], k), queries)
+                found = [set(index.search(q[None], k)[1][0].tolist()) for q in queries]
+                recall = np.mean([len(f & e) / k for f, e in zip(found, exact)])
+                name = "faiss IndexFlatIP" if kind == "flat" else \
+                    f"faiss HNSW M={args.hnsw_m} efC={args.ef_construction} efS={ef}"
+                rows.append((name, build_s, p50, p95, recall, memory))
             del index
         for name, build_s, p50, p95, recall, memory in rows:
             print(f"| {n:,} | {name} | {build_s:.1f} | {p50:.3f} | {p95:.3f} | {recall:.3f} | "
                   f"{memory / 2**20:.0f} | {torch_p50 / p50:.2f}x |", flush=True)
         if n > args.hnsw_max:
             print(f"| {n:,} | faiss HNSW | not measured (over --hnsw-max {args.hnsw_max:,}) | | | | | |")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    print(f"peak resident memory {peak:,.0f} MiB; load average {os.getloadavg()}")
 
 
 def main():
@@ -120,7 +129,8 @@ def main():
     ap.add_argument("--hnsw-max", type=int, default=1_000_000)
     ap.add_argument("--hnsw-m", type=int, default=32)
     ap.add_argument("--ef-construction", type=int, default=200)
-    ap.add_argument("--ef-search", type=int, default=128)
+    ap.add_argument("--ef-search", type=int, nargs="+", default=[128], help="one row per value, one graph")
+    ap.add_argument("--build-threads", type=int, default=None, help="threads for the HNSW build (default --threads)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)

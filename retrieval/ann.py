@@ -5,6 +5,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from tqdm import tqdm
 
 from utils.io import atomic_path
 from utils.runtime import UserError, log
@@ -12,23 +13,27 @@ from utils.runtime import UserError, log
 KINDS = ("flat", "hnsw")
 
 
-def build_ann(vectors, kind="flat", hnsw_m=32, ef_construction=200, ef_search=128):
-    """A faiss index over the rows of `vectors` (inner product = cosine for normalised rows)."""
+def build_ann(vectors, kind="flat", hnsw_m=32, ef_construction=200, ef_search=128, progress=True):
+    """A faiss index over the rows of `vectors` (inner product = cosine for normalised rows); an HNSW
+    graph is built in chunks under a progress bar (minutes for a million vectors)."""
     if kind not in KINDS:
         raise UserError(f"unknown index.kind={kind!r}. Use one of {list(KINDS)}.")
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if kind == "flat":
         index = faiss.IndexFlatIP(vectors.shape[1])
-    else:
-        index = faiss.IndexHNSWFlat(vectors.shape[1], int(hnsw_m), faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = int(ef_construction)
-    index.add(vectors)
-    if kind == "hnsw":
-        index.hnsw.efSearch = int(ef_search)
+        index.add(vectors)
+        return index
+    index = faiss.IndexHNSWFlat(vectors.shape[1], int(hnsw_m), faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = int(ef_construction)
+    with tqdm(total=len(vectors), unit="vec", desc="HNSW graph", disable=not progress) as bar:
+        for chunk in np.array_split(vectors, max(1, -(-len(vectors) // 20_000))):
+            index.add(chunk)
+            bar.update(len(chunk))
+    index.hnsw.efSearch = int(ef_search)
     return index
 
 
-def gallery_ann(gallery, kind="flat", hnsw_m=32, ef_construction=200, ef_search=128):
+def gallery_ann(gallery, kind="flat", hnsw_m=32, ef_construction=200, ef_search=128, progress=True):
     """The faiss index of a Gallery; an HNSW graph is loaded from (or saved to) its index folder."""
     if kind != "hnsw":
         return build_ann(gallery.vectors, kind)
@@ -38,7 +43,7 @@ def gallery_ann(gallery, kind="flat", hnsw_m=32, ef_construction=200, ef_search=
         index.hnsw.efSearch = int(ef_search)
         return index
     log.info(f"building the HNSW graph of {len(gallery.paths)} vectors")
-    index = build_ann(gallery.vectors, kind, hnsw_m, ef_construction, ef_search)
+    index = build_ann(gallery.vectors, kind, hnsw_m, ef_construction, ef_search, progress)
     for old in Path(gallery.folder).glob("hnsw-*.faiss"):  # graphs of earlier index versions
         old.unlink()
     try:

@@ -3,7 +3,7 @@ top-k photos of a gallery with their scores. Served by gradio on 127.0.0.1 only.
 import os
 from pathlib import Path
 
-from retrieval.search import QUERY_MODES, Searcher
+from retrieval.search import IMAGE_MODALITIES, QUERY_MODES, Searcher
 from utils.io import atomic_path
 from utils.runtime import UserError, setup_logging
 
@@ -20,14 +20,15 @@ def _query_image(source, drawing, upload):
             raise UserError("the canvas is empty: draw something first.")
         return drawing["composite"]
     if upload is None:
-        raise UserError("no sketch uploaded: upload an image first (or draw one).")
+        raise UserError("no image uploaded: upload a sketch or a photo first (or draw one).")
     return upload
 
 
 def make_handler(searcher, save_queries=None):
-    """The function behind the Search button: (source, drawing, upload, text, query_mode, k) ->
-    (gallery items, status markdown)."""
-    def run(source, drawing, upload, text, query_mode, k):
+    """The function behind the Search button: (source, drawing, upload, upload_modality, text,
+    query_mode, k) -> (gallery items, status markdown). A drawing is a sketch; an upload is what
+    upload_modality says (sketch or photo), as query_modality for search.py's query=."""
+    def run(source, drawing, upload, upload_modality, text, query_mode, k):
         try:
             if source not in SOURCES:
                 raise UserError(f"unknown query source {source!r}; use one of {list(SOURCES)}.")
@@ -35,8 +36,9 @@ def make_handler(searcher, save_queries=None):
                 vector, what = searcher.embed_text(text, query_mode), f'words "{text.strip()}"'
             else:
                 image = _query_image(source, drawing, upload)
-                vector = searcher.embed_image(image, "sketch", query_mode)
-                what = "your drawing" if source == "draw" else "the uploaded sketch"
+                modality = "sketch" if source == "draw" else upload_modality
+                vector = searcher.embed_image(image, modality, query_mode)
+                what = "your drawing" if source == "draw" else f"the uploaded {modality}"
                 if save_queries:
                     with atomic_path(Path(save_queries) / "last-query.png") as tmp:
                         image.save(tmp, format="PNG")
@@ -59,10 +61,10 @@ def _status(searcher, what, query_mode, hits):
     return "\n".join(lines)
 
 
-def build_app(searcher, k=10, query_mode="converted", save_queries=None):
+def build_app(searcher, k=10, query_mode="converted", save_queries=None, query_modality="sketch"):
     g = searcher.gallery
-    intro = (f"# Sketch-based photo search\nDraw something (or upload a sketch, or type words) and press "
-             f"**Search** to find it among the {len(g.paths)} photos under `{g.root}`.")
+    intro = (f"# Sketch-based photo search\nDraw something (or upload a sketch or a photo, or type words) and "
+             f"press **Search** to find it among the {len(g.paths)} photos under `{g.root}`.")
     if g.skipped:
         intro += f"\n\n{len(g.skipped)} unreadable image(s) in the folder were skipped."
     with gr.Blocks(title="ma-sbir search") as demo:
@@ -75,8 +77,11 @@ def build_app(searcher, k=10, query_mode="converted", save_queries=None):
                         drawing = gr.Sketchpad(label="Drawing", type="pil", image_mode="RGB",
                                                canvas_size=(512, 512), layers=False, elem_id="canvas",
                                                brush=gr.Brush(default_size=8, colors=["#000000"], color_mode="fixed"))
-                    with gr.Tab("Upload a sketch") as upload_tab:
-                        upload = gr.Image(label="Sketch", type="pil", image_mode="RGBA", sources=["upload"])
+                    with gr.Tab("Upload") as upload_tab:
+                        upload = gr.Image(label="Sketch or photo", type="pil", image_mode="RGBA", sources=["upload"])
+                        upload_modality = gr.Radio(list(IMAGE_MODALITIES), value=query_modality, label="The image is a",
+                                                   elem_id="upload-modality",
+                                                   info="a photo query is a photo-mode vector (converted = original)")
                     with gr.Tab("Words") as words_tab:
                         text = gr.Textbox(label="Words", placeholder="a bicycle")
                 query_mode = gr.Radio(list(QUERY_MODES), value=query_mode, label="Query",
@@ -88,10 +93,10 @@ def build_app(searcher, k=10, query_mode="converted", save_queries=None):
                 status = gr.Markdown(elem_id="status")
         for tab, name in ((draw_tab, "draw"), (upload_tab, "upload"), (words_tab, "words")):
             tab.select(lambda name=name: name, None, source, api_visibility="private")
-        button.click(make_handler(searcher, save_queries), [source, drawing, upload, text, query_mode, k_slider],
-                     [results, status], api_name="search")
-        text.submit(make_handler(searcher, save_queries), [source, drawing, upload, text, query_mode, k_slider],
-                    [results, status], api_visibility="private")
+        handler = make_handler(searcher, save_queries)
+        inputs = [source, drawing, upload, upload_modality, text, query_mode, k_slider]
+        button.click(handler, inputs, [results, status], api_name="search")
+        text.submit(handler, inputs, [results, status], api_visibility="private")
     return demo
 
 
@@ -99,7 +104,7 @@ def serve(cfg, block=True):
     """The app.py entry point: index the gallery (if needed), then serve on 127.0.0.1:<port>."""
     setup_logging()
     searcher = Searcher(cfg)
-    demo = build_app(searcher, int(cfg.k), cfg.query_mode, cfg.get("save_queries"))
+    demo = build_app(searcher, int(cfg.k), cfg.query_mode, cfg.get("save_queries"), cfg.query_modality)
     print(f"serving {len(searcher.gallery.paths)} photos of {searcher.gallery.root} at http://{HOST}:{cfg.port}",
           flush=True)
     demo.launch(server_name=HOST, server_port=int(cfg.port), allowed_paths=[str(Path(cfg.gallery).resolve())],

@@ -21,6 +21,7 @@ from utils.runtime import UserError, autocast, pick_device, setup_logging
 
 MODES = {"photo": 0, "sketch": 1, "text": 3}
 QUERY_MODES = ("original", "converted")
+IMAGE_MODALITIES = ("sketch", "photo")  # what a query image shows: query_modality= and the app's Upload tab
 
 
 @dataclass
@@ -63,6 +64,8 @@ class Searcher:
     def __init__(self, cfg, progress=True):
         if cfg.query_mode not in QUERY_MODES:
             raise UserError(f"unknown query_mode={cfg.query_mode!r}. Use original or converted.")
+        if cfg.query_modality not in IMAGE_MODALITIES:
+            raise UserError(f"unknown query_modality={cfg.query_modality!r}. Use sketch or photo.")
         run = Path(cfg.path)
         if not run.is_dir():
             raise UserError(f"run folder {run} does not exist; pass path=<the folder train.py wrote>.")
@@ -84,7 +87,7 @@ class Searcher:
                                     index_folder(run, cfg.gallery, ix.get("cache_dir")), cfg.gallery,
                                     self.checkpoint, int(cfg.batch_size), int(cfg.num_workers),
                                     self.precision, float(ix.save_every_s), progress)
-        self.ann = gallery_ann(self.gallery, ix.kind, ix.hnsw_m, ix.ef_construction, ix.ef_search)
+        self.ann = gallery_ann(self.gallery, ix.kind, ix.hnsw_m, ix.ef_construction, ix.ef_search, progress)
 
     @torch.no_grad()
     def _finish(self, z, mode, query_mode):
@@ -96,7 +99,7 @@ class Searcher:
 
     @torch.no_grad()
     def embed_image(self, image, modality="sketch", query_mode="converted"):
-        if modality not in ("sketch", "photo"):
+        if modality not in IMAGE_MODALITIES:
             raise UserError(f"unknown query_modality={modality!r}. Use sketch or photo.")
         image = flatten_on_white(image)
         check_not_blank(image)

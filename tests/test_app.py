@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from retrieval.search import Searcher
+from retrieval.search import Searcher, search
 from tests.conftest import REPO
 from tests.search_fixtures import free_port, make_gallery, search_cfg, trained_run
 
@@ -40,7 +40,7 @@ def app(tmp_path_factory, demo_root):
                 pytest.fail(f"app.py did not come up: {proc.stdout.read()}")
             time.sleep(0.5)
     library = Searcher(search_cfg(run, gallery, *args[2:], name="config-app"), progress=False)
-    yield dict(url=url, library=library, queries=tmp / "queries", tmp=tmp)
+    yield dict(url=url, library=library, queries=tmp / "queries", tmp=tmp, run=run, gallery=gallery)
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -48,6 +48,10 @@ def app(tmp_path_factory, demo_root):
 def caption_path(caption):
     """'1. 0.734  kite/kite_003.jpg' -> 'kite/kite_003.jpg'"""
     return caption.split(None, 2)[2]
+
+
+def caption_score(caption):
+    return float(caption.split(None, 2)[1])
 
 
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (apt-get install chromium)")
@@ -94,19 +98,43 @@ def test_gradio_client_words_upload_and_empty_canvas(app, demo_root):
 
     client = Client(app["url"], verbose=False)
     lib = app["library"]
-    items, status = client.predict("words", None, None, "a photo of a kite.", "converted", 3, api_name="/search")
+    items, status = client.predict("words", None, None, "sketch", "a photo of a kite.", "converted", 3,
+                                   api_name="/search")
     assert [caption_path(i["caption"]) for i in items] == [h.path for h in lib.search(
         lib.embed_text("a photo of a kite.", "converted"), 3)]
     assert all(os.path.isfile(i["image"]) for i in items) and "1 unreadable image(s) skipped" in status
 
     sketch = demo_root / "sketch" / "sun" / "sun_000.png"
-    items, _ = client.predict("upload", None, handle_file(str(sketch)), "", "original", K, api_name="/search")
+    items, _ = client.predict("upload", None, handle_file(str(sketch)), "sketch", "", "original", K,
+                              api_name="/search")
     with Image.open(sketch) as im:
         expected = lib.search(lib.embed_image(im, "sketch", "original"), K)
     assert [caption_path(i["caption"]) for i in items] == [h.path for h in expected]
 
     with pytest.raises(Exception, match="draw something first"):
-        client.predict("draw", None, None, "", "converted", K, api_name="/search")
+        client.predict("draw", None, None, "sketch", "", "converted", K, api_name="/search")
+    with pytest.raises(Exception, match="no image uploaded: upload a sketch or a photo first"):
+        client.predict("upload", None, None, "photo", "", "converted", K, api_name="/search")
+
+
+def test_uploaded_photo_is_embedded_as_a_photo_like_search_py(app, demo_root, tmp_path):
+    from gradio_client import Client, handle_file
+
+    photo = sorted((demo_root / "photo" / "kite").iterdir())[-1]  # not one of the gallery's photos
+    assert not (app["gallery"] / "kite" / photo.name).exists()
+    client = Client(app["url"], verbose=False)
+    as_photo, status = client.predict("upload", None, handle_file(str(photo)), "photo", "", "converted", K,
+                                      api_name="/search")
+    as_sketch, _ = client.predict("upload", None, handle_file(str(photo)), "sketch", "", "converted", K,
+                                  api_name="/search")
+    cli = search(search_cfg(app["run"], app["gallery"], f"query={photo}", "query_modality=photo",
+                            "query_mode=converted", f"k={K}", f"out={tmp_path}"))
+    assert "the uploaded photo" in status
+    assert caption_path(as_photo[0]["caption"]) == cli[0].path
+    assert caption_score(as_photo[0]["caption"]) == pytest.approx(cli[0].score, abs=2e-3)
+    photo_scores = [caption_score(i["caption"]) for i in as_photo]
+    sketch_scores = [caption_score(i["caption"]) for i in as_sketch]
+    assert max(abs(a - b) for a, b in zip(photo_scores, sketch_scores)) > 0.01, "the choice changes the query"
 
 
 def test_make_app_without_a_demo_run_says_to_run_make_demo(tmp_path):

@@ -164,6 +164,7 @@ BAD_INPUT = {
     "no_checkpoint": "holds no trained model: train first",
     "both": "give exactly one query",
     "bad_mode": "unknown query_mode='sideways'",
+    "bad_modality": "unknown query_modality='drawing'. Use sketch or photo",
 }
 
 
@@ -192,6 +193,8 @@ def test_bad_input_gets_one_clear_message(case, run, gallery, tmp_path):
         args.append("text=kite")
     elif case == "bad_mode":
         args.append("query_mode=sideways")
+    elif case == "bad_modality":
+        args.append("query_modality=drawing")
     with pytest.raises(UserError, match=BAD_INPUT[case]):
         search(search_cfg(path, folder, *args))
 
