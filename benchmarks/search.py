@@ -15,13 +15,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from data.demo import DEFAULT_ROOT, generate
 from model.backbone import build_model
 from retrieval.ann import build_ann
 from retrieval.gallery import update_index
 from utils.io import save_torch
+from utils.schema import compose_config
 
 
 def indexing(args):
@@ -32,7 +32,7 @@ def indexing(args):
         for f in files:
             (gallery / f.parent.name).mkdir(parents=True, exist_ok=True)
             os.link(f, gallery / f.parent.name / f.name)
-        mcfg = OmegaConf.create(dict(backbone=args.backbone, pretrained=None, n_mode=4, temperature=2.6592))
+        mcfg = compose_config("config-train", ["model=tiny", f"model.backbone={args.backbone}"]).model
         model, _, transform, _ = build_model(mcfg)
         model.eval()
         ckpt = Path(tmp) / "best.pth"
@@ -98,7 +98,7 @@ def latency(args):
             for ef in args.ef_search if kind == "hnsw" else [None]:
                 if ef is not None:
                     index.hnsw.efSearch = ef
-                p50, p95 = _percentiles(lambda q: index.search(q[None], k), queries)
+                p50, p95 = _percentiles(lambda q, index=index: index.search(q[None], k), queries)
                 found = [set(index.search(q[None], k)[1][0].tolist()) for q in queries]
                 recall = np.mean([len(f & e) / k for f, e in zip(found, exact)])
                 name = "faiss IndexFlatIP" if kind == "flat" else \
