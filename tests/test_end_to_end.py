@@ -1,4 +1,11 @@
-"""One tiny train -> infer -> evaluate run in tmp_path, through the real configs."""
+"""One tiny train -> infer -> evaluate run in tmp_path, through the real configs.
+
+What the run must reach was measured over seeds 0-4 on 2 CPU cores (this fixture, 4 epochs):
+unseen-class mAP@all 0.251-0.264 (original queries) and 0.242-0.261 (converted) against chance
+1/6; the running loss of the last epoch 0.846-0.880 of the first's. At this size the unseen score
+is mostly what the randomly initialised features already give (0.245-0.256 with a learning rate
+of ~0), so the loss is what tells a model that learns from one that does not; the gain of training
+on unseen classes shows at demo size (make demo: README)."""
 import csv
 import json
 import math
@@ -12,11 +19,16 @@ from pipeline.evaluate import evaluate
 from tests.conftest import compose_cfg
 
 
+EPOCHS = 4
+MARGIN = 0.05          # over chance; the lowest of the five seeds is 0.075 (converted) above it
+LOSS_FALL = 0.92       # the last epoch's loss at most this share of the first's (measured <= 0.880)
+
+
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, demo_root):
     run = tmp_path_factory.mktemp("run")
     cfg = compose_cfg("config-train", [
-        "dataset=demo", "model=tiny", f"dataset.root={demo_root}", "train.epochs=2",
+        "dataset=demo", "model=tiny", f"dataset.root={demo_root}", f"train.epochs={EPOCHS}",
         "train.batch_size=32", "train.num_workers=0", "train.warmup_steps=2", "device=cpu",
         "logger.wandb.mode=disabled", "eval.chunk_size=16"])
     result = train(cfg, run)
@@ -28,9 +40,11 @@ def test_training_writes_checkpoints_log_and_config(trained_run):
     for name in ("model/best.pth", "model/last.pth", "train.log", "config.yaml"):
         assert (run / name).is_file(), name
     ckpt = torch.load(run / "model" / "last.pth", weights_only=True)
-    assert ckpt["epoch"] == 2 and ckpt["config"]["model"]["backbone"] == "ma-tiny"
-    assert "epoch 2 done" in (run / "train.log").read_text()
-    assert len(result["history"]) == 2 and all(h["score"] is not None for h in result["history"])
+    assert ckpt["epoch"] == EPOCHS and ckpt["config"]["model"]["backbone"] == "ma-tiny"
+    assert f"epoch {EPOCHS} done" in (run / "train.log").read_text()
+    history = result["history"]
+    assert len(history) == EPOCHS and all(h["score"] is not None for h in history)
+    assert history[-1]["loss"] <= LOSS_FALL * history[0]["loss"], [h["loss"] for h in history]
 
 
 def test_infer_then_evaluate(trained_run, demo_root):
@@ -59,6 +73,7 @@ def test_infer_then_evaluate(trained_run, demo_root):
         assert len(saved[key]) == 2 and all(0 <= v <= 1 for v in saved[key])
     assert saved["n_queries"] == 48 and saved["n_gallery"] == 48
     assert saved["chance_mAP"] == pytest.approx(8 / 48)
+    assert min(saved["mAP@all"]) >= saved["chance_mAP"] + MARGIN, saved["mAP@all"]
     assert set(saved["per_class_AP"]) == {"kite", "sun", "bottle", "leaf", "tent", "cross"}
     assert len(saved["top10_retrieved"]) == 48
     first = next(iter(saved["top10_retrieved"].values()))
