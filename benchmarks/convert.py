@@ -26,6 +26,7 @@ from transformers import CLIPConfig, CLIPModel, get_constant_schedule_with_warmu
 
 from model.backbone import build_model
 from model.checkpoint import load_checkpoint
+from utils.run_folder import RunFolder
 from utils.restricted_pickle import restricted_load
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,7 +51,7 @@ def write_checkpoint(path):
 @torch.no_grad()
 def largest_difference(clip, run):
     """Max |difference| of the converted run's normalised embeddings and HF's own features."""
-    ckpt = load_checkpoint(run / "model" / "best.pth")
+    ckpt = load_checkpoint(RunFolder(run).best)
     model, _, _, tokenizer = build_model(OmegaConf.create(ckpt["config"]["model"]))
     model.load_state_dict(ckpt["model"])
     model.eval()

@@ -28,7 +28,7 @@ def result_files(patterns):
     for pattern in patterns:
         for path in sorted(glob.glob(pattern)) or [pattern]:
             path = Path(path)
-            if path.is_file() and path.name == "eval_result.json":
+            if path.is_file() and path == InferOutput(path.parent).result:
                 found.append(path)
             elif path.is_dir():
                 found += RunFolder.results_under(path)
