@@ -6,11 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install check-data bench clean app
 
-$(STAMP): requirements.txt requirements-test.txt requirements-app.txt
+$(STAMP): requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-test.txt
-	$(PY) -m pip install -q -r requirements-app.txt
 	touch $(STAMP)
 
 install: $(STAMP)

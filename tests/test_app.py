@@ -138,7 +138,7 @@ def test_uploaded_photo_is_embedded_as_a_photo_like_search_py(app, demo_root, tm
 
 
 def test_make_app_without_a_demo_run_says_to_run_make_demo(tmp_path):
-    for name in ("Makefile", "requirements.txt", "requirements-test.txt", "requirements-app.txt"):
+    for name in ("Makefile", "requirements.txt", "requirements-test.txt"):
         (tmp_path / name).write_bytes((REPO / name).read_bytes())
     (tmp_path / ".venv").mkdir()
     (tmp_path / ".venv" / ".installed").touch()  # installed: make goes straight to the app recipe
