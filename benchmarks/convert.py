@@ -80,7 +80,11 @@ def main():
     ap.add_argument("--work", default="/tmp/convert-bench")
     args = ap.parse_args()
     work = Path(args.work)
+    marker = work / ".made-by-benchmarks-convert"  # the folder is this benchmark's to overwrite
+    if work.exists() and (not work.is_dir() or any(work.iterdir())) and not marker.is_file():
+        raise SystemExit(f"error: --work {work} holds files this benchmark did not write; give a new folder.")
     work.mkdir(parents=True, exist_ok=True)
+    marker.write_text("")
     src, out = work / "best.pth", work / "run"
     clip = write_checkpoint(src)
     n = sum(p.numel() for p in clip.parameters())

@@ -214,3 +214,13 @@ def test_missing_src_or_out_says_how_to_call_it(tmp_path, capsys):
     assert code == 1 and "usage: python -m model.convert src=" in errors[0]
     code, errors = refused([f"src={tmp_path / 'best.pth'}", f"out={tmp_path / 'run'}"], capsys)
     assert code == 1 and "best.pth: no such file" in errors[0] and not (tmp_path / "run").exists()
+
+
+def test_the_conversion_benchmark_never_writes_into_a_users_folder(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "best.pth").write_text("mine")
+    p = subprocess.run([sys.executable, "-m", "benchmarks.convert", "--work", str(work)], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "holds files this benchmark did not write" in p.stderr
+    assert sorted(os.listdir(work)) == ["best.pth"] and (work / "best.pth").read_text() == "mine"
