@@ -19,7 +19,8 @@ import os
 import re
 import sys
 import zlib
-from multiprocessing import get_context
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -125,12 +126,19 @@ def decode(path, ops, max_pixels=Image.MAX_IMAGE_PIXELS):
     return np.asarray(ops(open_image(path, max_pixels)), dtype=np.uint8)
 
 
-def write_shard(job):
-    """Decode one shard's images and write <shard>.u8; returns its sidecar (not yet written)."""
+class Stopped(Exception):
+    """A shard abandoned because the build stopped (another shard failed, or Ctrl-C)."""
+
+
+def write_shard(job, stop=None):
+    """Decode one shard's images and write <shard>.u8; returns its sidecar (not yet written).
+    A set `stop` event abandons the shard (its temporary file is removed)."""
     directory, shard, root, folder, names, stats, ops = job
     offsets, channels, shape, crc, offset = [], [], None, 0, 0
     with atomic_path(directory / f"{shard}.u8") as tmp, open(tmp, "wb") as f:
         for name in names:
+            if stop is not None and stop.is_set():
+                raise Stopped(f"stopped while caching {Path(root) / folder}")
             a = decode(Path(root) / folder / name, ops)
             if shape is not None and a.shape[:2] != tuple(shape):
                 raise UserError(f"{Path(root) / folder / name}: the cache's pixel steps gave {a.shape[:2]} "
@@ -223,17 +231,21 @@ class ImageCache:
                     for s, (folder, names, stats) in stale.items()]
             workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
             n_images = sum(len(j[4]) for j in jobs)
-            with get_context("fork").Pool(workers) as pool, tqdm(
-                    total=n_images, desc=f"caching images ({self.dir.name})", unit="img",
-                    disable=not progress, dynamic_ncols=True) as bar:
-                for shard, side in zip(stale, pool.imap(write_shard, jobs)):
-                    save_json(side, self.dir / f"{shard}.json")
-                    self.shards[shard] = side
-                    bar.update(len(side["names"]))
-        except (OSError, UserError) as e:
-            for shard in stale:  # the half-written shards of workers stopped mid-write
-                for tmp in self.dir.glob(f".{shard}.u8.*.tmp"):
-                    tmp.unlink(missing_ok=True)
+            stop = threading.Event()
+            # Threads: Pillow's decode and resize release the GIL (BENCHMARKS.md); a forked pool
+            # could deadlock on a lock that another thread of this process held at the fork.
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="cache")
+            try:
+                with tqdm(total=n_images, desc=f"caching images ({self.dir.name})", unit="img",
+                          disable=not progress, dynamic_ncols=True) as bar:
+                    for shard, side in zip(stale, pool.map(lambda job: write_shard(job, stop), jobs)):
+                        save_json(side, self.dir / f"{shard}.json")
+                        self.shards[shard] = side
+                        bar.update(len(side["names"]))
+            finally:
+                stop.set()   # on an error or Ctrl-C the other threads stop at their next image
+                pool.shutdown(wait=True, cancel_futures=True)
+        except (OSError, UserError) as e:   # each thread removed its own half-written shard
             if isinstance(e, UserError) and not isinstance(e, DiskFullError):  # an unreadable image, named
                 raise
             raise UserError(f"could not write the image cache in {self.dir}: {e}. Free disk space or make "

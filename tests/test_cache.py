@@ -140,6 +140,36 @@ def test_a_full_disk_leaves_no_shard_that_is_read_later(small_root, tmp_path, mo
     assert bad in cache.table()
 
 
+def test_ctrl_c_while_building_stops_every_thread_and_leaves_only_whole_shards(small_root, tmp_path, monkeypatch):
+    """The build runs in threads (a forked pool can deadlock in a process that has threads): a
+    Ctrl-C in one stops the others at their next image, and no half shard or sidecar is left."""
+    real, rels = dc.decode, rels_of(small_root)
+    bad, decoded = rels[3], []
+
+    def interrupted(path, ops):
+        decoded.append(path)
+        if str(path).endswith(bad):
+            raise KeyboardInterrupt
+        return real(path, ops)
+    monkeypatch.setattr(dc, "SHARD_IMAGES", 1)   # one image a shard: many jobs for the threads
+    monkeypatch.setattr(dc, "decode", interrupted)
+    cache = ImageCache.at(tmp_path / "cache", small_root, pixel_ops(EVAL_TF))
+    with pytest.raises(KeyboardInterrupt):
+        cache.build(rels, workers=2, progress=False)
+    assert len(decoded) < len(rels)   # the queued shards never started
+    assert not list(cache.dir.glob(".*.tmp"))
+    sidecars = {p.stem for p in cache.dir.glob("*.json")} - {"cache"}
+    assert sidecars <= {p.stem for p in cache.dir.glob("*.u8")}   # a sidecar only after its whole shard
+    fresh = ImageCache.at(tmp_path / "cache", small_root, pixel_ops(EVAL_TF))
+    stale = fresh.check(rels)
+    assert bad not in fresh.table() and len(fresh.table()) + len(stale) == len(rels)
+    monkeypatch.setattr(dc, "decode", real)
+    assert fresh.build(rels, progress=False)[0] == len(stale)
+    for rel in rels:
+        want = decode(small_root / rel, pixel_ops(EVAL_TF))
+        assert np.array_equal(np.broadcast_to(cached_pixels(fresh, rel), want.shape), want)
+
+
 def writable(folder):
     try:
         (folder / "probe").mkdir()
