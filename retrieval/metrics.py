@@ -2,7 +2,8 @@
 
 Photos are ranked by cosine similarity, descending, ties broken by gallery index (stable sort).
 Memory is bounded by chunk x gallery; the full query x gallery matrix is never built. Queries
-are taken in label order, so that each chunk holds runs of queries sharing their relevant photos.
+are taken in label order, so that each block of them holds runs of queries sharing their relevant
+photos. On a CPU with T threads, T blocks of chunk / T queries are ranked side by side.
 
 Protocols:
 - "default" (the paper's code, shared with ZSE-SBIR): AP is VOC-interpolated (precision made
@@ -16,11 +17,12 @@ Queries without any relevant photo get NaN and are left out of the means.
 import math
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from functools import partial
 
 import numpy as np
 import torch
 from tqdm import tqdm
+
+from retrieval import rank_kernel
 
 PROTOCOLS = ("default", "hits_over_k", "noninterp")
 
@@ -54,7 +56,7 @@ def hit_ranks(sims, relevant):
     """1-based ranks of the relevant gallery items in each row of `sims` [n, G] (rows that share
     the relevant set), ascending: [n, P].
 
-    Never sorts the gallery. A monotone map cuts each row into G buckets spanning its relevant
+    Never sorts the gallery. A monotone map cuts each row into max(G, 4) buckets spanning its relevant
     photos; a table over the buckets gives every photo the number of relevant photos below it,
     except photos sharing a bucket with a relevant photo (a few per relevant photo), which are
     placed exactly by binary search among the row's sorted relevant keys. A histogram of those
@@ -64,9 +66,10 @@ def hit_ranks(sims, relevant):
     dev = sims.device
     rel_sims = sims.index_select(1, relevant)
     rel_keys, perm = torch.sort(order_keys(rel_sims, relevant, g), dim=1)
-    scale, offset = _bucket_map(rel_sims, g)
-    bucket = torch.mul(sims, scale).add_(offset).clamp_min_(0).clamp_max_(g - 1).to(torch.int32)
-    bucket = bucket.add_(torch.arange(0, n * (g + 1), g + 1, dtype=torch.int32, device=dev)[:, None]).view(-1)
+    nb = max(g, 4)  # buckets per row (at least 4: relevant photos go to 1 .. nb - 2)
+    scale, offset = _bucket_map(rel_sims, nb)
+    bucket = torch.mul(sims, scale).add_(offset).clamp_(0, nb - 1).to(torch.int32)
+    bucket = bucket.add_(torch.arange(0, n * (nb + 1), nb + 1, dtype=torch.int32, device=dev)[:, None]).view(-1)
     rel_bucket = bucket.view(n, g).index_select(1, relevant).gather(1, perm).long()  # ascending
     t = torch.arange(p, device=dev).expand(n, p)
     first = torch.ones((n, p), dtype=torch.bool, device=dev)  # first relevant photo of its bucket
@@ -75,7 +78,7 @@ def hit_ranks(sims, relevant):
     stride = p + width  # a row of sorted relevant keys and `width` sentinels
     rel_flat = (torch.arange(0, n * stride, stride, device=dev)[:, None] + t)
     # table[bucket]: flat index of the first relevant photo in or above it; bitwise-not: it holds one
-    table = torch.zeros((n, g + 1), dtype=torch.int32, device=dev)
+    table = torch.zeros((n, nb + 1), dtype=torch.int32, device=dev)
     ones = torch.ones(1, dtype=torch.int32, device=dev).expand(n * p)
     table.view(-1).index_add_(0, rel_bucket.view(-1) + 1, ones)
     table = table.cumsum_(1).add_(rel_flat[:, :1].int()).view(-1)
@@ -192,43 +195,46 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
     per_query = {k: torch.full((queries.shape[0],), math.nan, dtype=torch.float64) for k in names}
     topk = min(topk, gallery.shape[0])
     top = torch.zeros((queries.shape[0], topk), dtype=torch.int64)
-    by_label = torch.argsort(q_labels, stable=True)  # each chunk holds runs of one label
+    ranks_of = rank_kernel.hit_ranks if device.type == "cpu" and rank_kernel.kernel() else hit_ranks
+    by_label = torch.argsort(q_labels, stable=True)  # each block holds runs of one label
     workers = torch.get_num_threads() if device.type == "cpu" else 1
+    # On a CPU each thread takes whole blocks (product, top k and ranks, no barrier between
+    # them), so that `chunk_size` query rows are in flight in all; on a GPU one block at a time.
+    n_q = queries.shape[0]
+    block = max(1, min(chunk_size // workers, math.ceil(n_q / workers))) if workers > 1 else chunk_size
 
-    def rank_top(idx, sims):
+    def rank_block(s):
+        idx = by_label[s:s + block]
+        sims = queries[idx].to(device) @ gallery.T
         top[idx] = top_indices(sims, topk).cpu()
+        labels, counts = torch.unique_consecutive(q_labels[idx], return_counts=True)
+        start = 0
+        for lab, count in zip(labels.tolist(), counts.tolist()):
+            rel = relevant[lab]
+            if rel.numel():  # else no relevant photo: NaN, as the seed
+                rows = slice(start, start + count)
+                for k, v in _group_metrics(ranks_of(sims[rows], rel), ap_cut, ks, protocols).items():
+                    per_query[k][idx[rows]] = v.cpu()
+            start += count
+        return len(idx)
 
-    def rank_group(idx, sims, rel):
-        for k, v in _group_metrics(hit_ranks(sims, rel), ap_cut, ks, protocols).items():
-            per_query[k][idx] = v.cpu()
-
-    with ThreadPoolExecutor(workers) as pool:
-        for s in tqdm(range(0, queries.shape[0], chunk_size), desc=desc, disable=not progress, leave=False):
-            idx = by_label[s:s + chunk_size]
-            sims = queries[idx].to(device) @ gallery.T
-            jobs = [(len(idx), partial(rank_top, idx, sims))]  # (rows, job), largest first below
-            labels, counts = torch.unique_consecutive(q_labels[idx], return_counts=True)
-            start = 0
-            for lab, count in zip(labels.tolist(), counts.tolist()):
-                if relevant[lab].numel():  # else no relevant photo: NaN, as the seed
-                    rows = slice(start, start + count)
-                    jobs.append((count, partial(rank_group, idx[rows], sims[rows], relevant[lab])))
-                start += count
-            jobs = [job for _, job in sorted(jobs, key=lambda j: -j[0])]
-            if len(jobs) >= workers > 1:
-                with _one_thread_per_op():
-                    list(pool.map(lambda job: job(), jobs))
-            else:  # one core, a GPU, or too few groups to fill the cores: threads within each job
-                for job in jobs:
-                    job()
+    starts = range(0, n_q, block)
+    with tqdm(total=n_q, desc=desc, disable=not progress, leave=False, unit="query") as bar:
+        if workers > 1 and len(starts) > 1:
+            with _one_thread_per_op(), ThreadPoolExecutor(workers) as pool:
+                for done in pool.map(rank_block, starts):
+                    bar.update(done)
+        else:  # one core or a GPU: a block at a time, each operation on all threads
+            for s in starts:
+                bar.update(rank_block(s))
     return {k: v.numpy() for k, v in per_query.items()}, top.numpy()
 
 
 @contextmanager
 def _one_thread_per_op():
-    """Ranking runs many small operations; on a shared machine their intra-op threads wait on each
-    other at every barrier, so the pool's threads rank whole groups side by side instead, each
-    operation on one thread. The matrix products keep all threads."""
+    """Ranking runs many small operations; their intra-op threads would wait on each other at every
+    barrier, so the pool's threads take whole blocks side by side instead, each operation
+    (the block's product included) on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

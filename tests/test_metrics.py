@@ -3,8 +3,10 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import average_precision_score
 
+from retrieval import metrics, rank_kernel
 from retrieval.metrics import per_class, retrieval_metrics, summarize
 
 
@@ -61,9 +63,19 @@ def random_case(seed, nq=37, ng=230, d=8, n_cls=6, ties=True):
     return q, g, ql, gl
 
 
+@pytest.fixture(params=["kernel", "torch"])
+def ranker(request, monkeypatch):
+    """The engine with its CPU kernel (numba), and with the torch ranking that a GPU runs."""
+    if request.param == "torch":
+        monkeypatch.setattr(rank_kernel, "kernel", lambda: None)
+    else:
+        assert rank_kernel.kernel() is not None, "numba is in requirements.txt: the kernel must compile"
+    return request.param
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("chunk", [1, 7, 64])
-def test_engine_matches_reference(seed, chunk):
+def test_engine_matches_reference(seed, chunk, ranker):
     q, g, ql, gl = random_case(seed)
     ref = reference(q.astype(np.float64), g.astype(np.float64), ql, gl, cut=50, ks=(20, 300))
     got, top = retrieval_metrics(q, g, ql, gl, chunk_size=chunk, protocols=("default", "hits_over_k", "noninterp"),
@@ -81,6 +93,83 @@ def test_engine_matches_reference(seed, chunk):
     for i in range(len(q)):
         expect = sorted(range(len(g)), key=lambda j: (-sims[i, j], j))[:10]
         assert top[i].tolist() == expect
+
+
+def sorted_ranks(sims, relevant):
+    """1-based ranks of the relevant columns in each row, by a plain sort on (-similarity, index)."""
+    out = []
+    for row in sims.tolist():
+        order = sorted(range(len(row)), key=lambda j: (-row[j], j))
+        place = {j: k + 1 for k, j in enumerate(order)}
+        out.append(sorted(place[j] for j in relevant.tolist()))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "zeros", "extremes"])
+def test_both_rankers_place_every_relevant_photo_exactly(kind):
+    """The numba kernel and the torch ranking against a plain sort: tied similarities (ties go to
+    the lower index), -0.0 against +0.0, 1e30 beside 1e-30, galleries of 1 to 3 photos, every photo
+    relevant."""
+    rng = np.random.default_rng(["normal", "ties", "zeros", "extremes"].index(kind))
+    for case in range(40):
+        n, g = int(rng.integers(1, 6)), int(rng.integers(1, 4) if case < 10 else rng.integers(4, 200))
+        p = int(rng.integers(1, g + 1)) if case % 5 else g
+        if kind == "normal":
+            s = rng.normal(size=(n, g))
+        elif kind == "ties":
+            s = np.round(rng.normal(size=(n, g)) * 2) / 2
+        elif kind == "zeros":
+            s = np.where(rng.random((n, g)) < 0.5, -0.0, 0.0)
+        else:
+            s = rng.choice([-1e30, 1e30, 0.0, 1e-30, -1e-30, 3.0], size=(n, g))
+        sims = torch.tensor(s, dtype=torch.float32)
+        relevant = torch.tensor(np.sort(rng.choice(g, p, replace=False)))
+        expect = sorted_ranks(sims, relevant)
+        assert torch.equal(rank_kernel.hit_ranks(sims, relevant), expect), (kind, case)
+        assert torch.equal(metrics.hit_ranks(sims, relevant), expect), (kind, case)
+
+
+def test_cpu_engine_ranks_with_the_kernel_in_threads(monkeypatch):
+    """On a CPU with two threads, blocks of queries go to two threads, each through the kernel;
+    with one thread, blocks run one after the other: the same numbers either way."""
+    q, g, ql, gl = random_case(3, nq=120, ng=500)
+    calls = []
+    real = rank_kernel.hit_ranks
+    monkeypatch.setattr(rank_kernel, "hit_ranks", lambda s, r: calls.append(s.shape[0]) or real(s, r))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two, top2 = retrieval_metrics(q, g, ql, gl, chunk_size=40, progress=False)
+        assert calls and sum(calls) == sum(int((gl == lab).any()) for lab in ql)
+        torch.set_num_threads(1)
+        one, top1 = retrieval_metrics(q, g, ql, gl, chunk_size=40, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert max(calls) <= 40
+    np.testing.assert_array_equal(top1, top2)
+    for k in one:
+        np.testing.assert_array_equal(one[k], two[k])
+
+
+def test_kernel_without_a_writable_cache_folder_compiles_per_process(monkeypatch, caplog):
+    """A read-only checkout and home: numba cannot cache the kernel, so it is compiled uncached,
+    with one warning naming NUMBA_CACHE_DIR; the ranks are the same."""
+    numba = pytest.importorskip("numba")
+    real = numba.njit
+
+    def no_locator(*args, **kwargs):
+        if kwargs.get("cache"):
+            raise RuntimeError("cannot cache function '_rank_rows': no locator available")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(numba, "njit", no_locator)
+    rank_kernel.kernel.cache_clear()
+    try:
+        assert rank_kernel.kernel() is not None
+        sims, relevant = torch.randn(3, 50), torch.tensor([2, 7, 30])
+        assert torch.equal(rank_kernel.hit_ranks(sims, relevant), sorted_ranks(sims, relevant))
+    finally:
+        rank_kernel.kernel.cache_clear()
+    assert "cannot cache the ranking kernel" in caplog.text and "NUMBA_CACHE_DIR" in caplog.text
 
 
 def test_hand_computed_case():
