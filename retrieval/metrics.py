@@ -206,6 +206,9 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
     def rank_block(s):
         idx = by_label[s:s + block]
         sims = queries[idx].to(device) @ gallery.T
+        if sims.numel() and not (torch.isfinite(sims.amax()) and torch.isfinite(sims.amin())):
+            raise ValueError("similarities overflow float32 (embeddings too large, e.g. 1e20); they "
+                             "cannot be ranked. L2-normalise the embeddings first.")
         top[idx] = top_indices(sims, topk).cpu()
         labels, counts = torch.unique_consecutive(q_labels[idx], return_counts=True)
         start = 0

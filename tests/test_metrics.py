@@ -215,3 +215,11 @@ def test_non_finite_embeddings_are_refused():
     g[3, 0] = np.nan
     with pytest.raises(ValueError, match="NaN or infinite"):
         retrieval_metrics(q, g, ql, gl, progress=False)
+
+
+def test_similarities_that_overflow_are_refused():
+    """Finite embeddings whose products overflow float32 (inf, or NaN from inf - inf) would rank
+    by accident; the engine refuses them and names the fix."""
+    q, g, ql, gl = random_case(0, ties=False)
+    with pytest.raises(ValueError, match="overflow float32.*L2-normalise"):
+        retrieval_metrics(q * 1e20, g * 1e20, ql, gl, progress=False)
