@@ -182,14 +182,18 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
     unknown = set(protocols) - set(PROTOCOLS)
     if unknown:
         raise ValueError(f"unknown protocol(s) {sorted(unknown)}; choose from {PROTOCOLS}.")
+    if int(chunk_size) != chunk_size or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be a whole number from 1 (query rows in flight).")
     device = torch.device(device)
-    gallery = torch.as_tensor(gallery, dtype=torch.float32).to(device)
-    g_lab = torch.as_tensor(np.asarray(g_labels)).to(device)
-    queries = torch.as_tensor(queries, dtype=torch.float32)
+    queries, gallery = _embeddings(queries, "queries"), _embeddings(gallery, "gallery photos").to(device)
+    if queries.shape[1] != gallery.shape[1]:
+        raise ValueError(f"the queries have {queries.shape[1]} dimensions but the gallery photos "
+                         f"{gallery.shape[1]}: embed both with the same model.")
+    q_labels, g_lab = _label_codes(q_labels, g_labels, queries.shape[0], gallery.shape[0])
+    g_lab = g_lab.to(device)
     if not all(torch.isfinite(x.amax()) and torch.isfinite(x.amin()) for x in (queries, gallery)
                if x.numel()):
         raise ValueError("embeddings contain NaN or infinite values; similarities cannot be ranked.")
-    q_labels = torch.as_tensor(np.asarray(q_labels))
     relevant = {int(l): (g_lab == l).nonzero()[:, 0] for l in torch.unique(q_labels).tolist()}
     names = metric_names(ap_cut, ks, protocols)
     per_query = {k: torch.full((queries.shape[0],), math.nan, dtype=torch.float64) for k in names}
@@ -201,7 +205,7 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
     # On a CPU each thread takes whole blocks (product, top k and ranks, no barrier between
     # them), so that `chunk_size` query rows are in flight in all; on a GPU one block at a time.
     n_q = queries.shape[0]
-    block = max(1, min(chunk_size // workers, math.ceil(n_q / workers))) if workers > 1 else chunk_size
+    block = max(1, min(int(chunk_size) // workers, math.ceil(n_q / workers)))
 
     def rank_block(s):
         idx = by_label[s:s + block]
@@ -231,6 +235,26 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
             for s in starts:
                 bar.update(rank_block(s))
     return {k: v.numpy() for k, v in per_query.items()}, top.numpy()
+
+
+def _embeddings(x, name):
+    """float32 [n, dim]; numpy views of any layout (negative strides too) and float types."""
+    x = x.float() if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be a 2-D array [n, dim], got shape {tuple(x.shape)}.")
+    return x
+
+
+def _label_codes(q_labels, g_labels, n_q, n_g):
+    """Labels of any kind (ints, strings, fractions) as int64 codes shared by queries and photos."""
+    q, g = (np.asarray(l.cpu() if torch.is_tensor(l) else l) for l in (q_labels, g_labels))
+    for labels, n, what in ((q, n_q, "queries"), (g, n_g, "gallery photos")):
+        if labels.shape != (n,):
+            raise ValueError(f"{n} {what} but labels of shape {labels.shape}: give one label per row.")
+    given = [l for l in (q, g) if l.size]
+    codes = np.unique(np.concatenate(given), return_inverse=True)[1].reshape(-1) if given else np.zeros(0)
+    codes = torch.from_numpy(codes.astype(np.int64))
+    return codes[:n_q], codes[n_q:]
 
 
 @contextmanager
