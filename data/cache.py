@@ -8,10 +8,11 @@ Layout: <base>/<root name>-<root hash>/<geometry>-<hash>/ holds cache.json (vers
 geometry) and, per image folder (at most SHARD_IMAGES images a shard), <shard>.u8 with the pixels
 of its images back to back, channels first (1 x H x W for grey images, 3 x H x W for colour:
 planes copy into a batch as whole rows) and <shard>.json: the images' names, their file size and
-mtime at build time, each image's offset and channels, the shard's byte size, CRC-32 and file stat. A shard is used only when all of that still matches;
-otherwise (an image changed, added or removed, a shard damaged or cut short) that shard alone is
-rebuilt. Shards and sidecars are written to a temporary file and renamed, sidecar last, so a
-crash or a full disk never leaves a shard that a later run reads.
+mtime at build time, each image's offset and channels, the shard's byte size, CRC-32 and file stat.
+A shard is used only when all of that still matches; otherwise (an image changed, added or removed,
+a shard damaged or cut short) that shard alone is rebuilt. Shards and sidecars are written to a
+temporary file and renamed, sidecar last, as soon as the shard is whole: a crash, a full disk or a
+Ctrl-C never leaves a shard that a later run reads, and keeps the shards that were whole.
 """
 import hashlib
 import json
@@ -20,7 +21,7 @@ import re
 import sys
 import zlib
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -101,8 +102,7 @@ def file_stats(root, folder, names):
     out = []
     for n in names:
         try:
-            st = os.stat(Path(root) / folder / n)
-            out.append([st.st_size, st.st_mtime_ns])
+            out.append(stat_of(Path(root) / folder / n))
         except OSError:
             out.append(None)
     return out
@@ -227,21 +227,16 @@ class ImageCache:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             save_json(self.header(), self.dir / "cache.json")
-            jobs = [(self.dir, s, self.root, folder, names, stats, self.ops)
-                    for s, (folder, names, stats) in stale.items()]
-            workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-            n_images = sum(len(j[4]) for j in jobs)
             stop = threading.Event()
-            # Threads: Pillow's decode and resize release the GIL (BENCHMARKS.md); a forked pool
-            # could deadlock on a lock that another thread of this process held at the fork.
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="cache")
+            # threads, not a forked pool: Pillow releases the GIL, and a fork can deadlock (BENCHMARKS.md)
+            pool = ThreadPoolExecutor(max(1, min(workers or os.cpu_count() or 1, len(stale))), "cache")
+            shard_of = {pool.submit(write_shard, (self.dir, s, self.root, folder, names, stats, self.ops), stop): s
+                        for s, (folder, names, stats) in stale.items()}
             try:
-                with tqdm(total=n_images, desc=f"caching images ({self.dir.name})", unit="img",
-                          disable=not progress, dynamic_ncols=True) as bar:
-                    for shard, side in zip(stale, pool.map(lambda job: write_shard(job, stop), jobs)):
-                        save_json(side, self.dir / f"{shard}.json")
-                        self.shards[shard] = side
-                        bar.update(len(side["names"]))
+                with tqdm(total=sum(len(names) for _, names, _ in stale.values()), unit="img",
+                          desc=f"caching images ({self.dir.name})", disable=not progress, dynamic_ncols=True) as bar:
+                    for done in as_completed(shard_of):   # each sidecar written as soon as its shard is whole
+                        bar.update(len(self._keep(shard_of[done], done.result())["names"]))
             finally:
                 stop.set()   # on an error or Ctrl-C the other threads stop at their next image
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -252,6 +247,11 @@ class ImageCache:
                             f"the folder writable, or point dataset.cache at another folder "
                             f"(dataset.cache=/path/with/room); dataset.cache=false reads the image files.") from None
         return len(stale), len(self.shards)
+
+    def _keep(self, shard, side):
+        save_json(side, self.dir / f"{shard}.json")
+        self.shards[shard] = side
+        return side
 
     def table(self):
         """Relative image path -> (shard file, byte offset, height, width, channels)."""

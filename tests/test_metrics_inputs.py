@@ -103,9 +103,11 @@ def degenerate_cases():
     yield "duplicate rows", unit, np.repeat(rng.normal(size=(4, 4)).astype(np.float32), 10, 0), ql, gl
     yield "subnormal", np.ones((9, 1), np.float32), (rng.integers(-3, 4, (40, 1)) * sub).astype(np.float32), ql, gl
     yield "signed zeros", np.ones((9, 1), np.float32), rng.choice([-0.0, 0.0], (40, 1)).astype(np.float32), ql, gl
-    yield "large and small", np.ones((9, 1), np.float32), rng.choice([-1e18, 1e-30, 1e18, -1e-38, 0.0], (40, 1)).astype(np.float32), ql, gl
+    extremes = rng.choice([-1e18, 1e-30, 1e18, -1e-38, 0.0], (40, 1)).astype(np.float32)
+    yield "large and small", np.ones((9, 1), np.float32), extremes, ql, gl
     yield "gallery of 1", unit, unit[:1], ql, np.array([1])
-    yield "every photo relevant", unit, np.round(rng.normal(size=(40, 4))).astype(np.float32), np.ones(9, int), np.ones(40, int)
+    rounded = np.round(rng.normal(size=(40, 4))).astype(np.float32)
+    yield "every photo relevant", unit, rounded, np.ones(9, int), np.ones(40, int)
     yield "no query", unit[:0], unit, ql[:0], gl[:9]
     yield "no photo", unit, unit[:0], ql, gl[:0]
 

@@ -5,6 +5,8 @@ import io
 import json
 import os
 import pickle
+import re
+import socket
 import tempfile
 import zipfile
 from contextlib import contextmanager
@@ -13,6 +15,9 @@ from pathlib import Path
 import torch
 
 from utils.runtime import UserError
+
+
+HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())   # in temporary names: no "." or "-"
 
 
 class DiskFullError(UserError):
@@ -26,7 +31,7 @@ def atomic_path(path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-{HOST}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -46,10 +51,11 @@ def atomic_path(path):
 
 
 def remove_stale_temporaries(path):
-    """Delete `.name.<pid>.*.tmp` files beside `path` whose writing process is gone."""
+    """Delete `.name.<pid>-<host>.*.tmp` files beside `path` whose writing process, on this machine,
+    is gone. Another machine's (a folder shared by a cluster) may be a write in progress: kept."""
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        parts = tmp.name[len(path.name) + 2:].split(".")
-        if parts and parts[0].isdigit() and not _alive(int(parts[0])):
+        pid, _, host = tmp.name[len(path.name) + 2:].split(".")[0].partition("-")
+        if pid.isdigit() and host in (HOST, "") and not _alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
 
