@@ -15,6 +15,7 @@ Protocols:
 Queries without any relevant photo get NaN and are left out of the means.
 """
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -257,17 +258,27 @@ def _label_codes(q_labels, g_labels, n_q, n_g):
     return codes[:n_q], codes[n_q:]
 
 
+_pools = {"running": 0, "threads": 1}   # rankings in threads at once share one saved count
+_pools_lock = threading.Lock()
+
+
 @contextmanager
 def _one_thread_per_op():
     """Ranking runs many small operations; their intra-op threads would wait on each other at every
     barrier, so the pool's threads take whole blocks side by side instead, each operation
-    (the block's product included) on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    (the block's product included) on one thread. The last ranking to finish restores the count."""
+    with _pools_lock:
+        if not _pools["running"]:
+            _pools["threads"] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _pools["running"] += 1
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        with _pools_lock:
+            _pools["running"] -= 1
+            if not _pools["running"]:
+                torch.set_num_threads(_pools["threads"])
 
 
 def summarize(per_query):

@@ -9,8 +9,14 @@ import pytest
 
 import data.cache as dc
 from data.cache import ImageCache, pixel_ops
-from tests.test_cache import EVAL_TF, cached_pixels, rels_of, small_root  # noqa: F401 (small_root: a fixture)
+from data.demo import generate
+from tests.test_cache import EVAL_TF, cached_pixels, rels_of
 from utils import io
+
+
+@pytest.fixture
+def small_root(tmp_path):
+    return generate(tmp_path / "demo", n_photo=2, n_sketch=2)
 
 
 def cache_of(tmp_path, root):

@@ -10,9 +10,16 @@ import torch
 
 from retrieval import metrics, rank_kernel
 from retrieval.metrics import retrieval_metrics
-from tests.test_metrics import random_case, ranker, reference  # noqa: F401 (ranker: a fixture)
+from tests.test_metrics import random_case, reference
 
 ALL = ("default", "hits_over_k", "noninterp")
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def ranker(request, monkeypatch):
+    """The CPU kernel, and the torch ranking (a GPU's, or without numba)."""
+    if request.param == "torch":
+        monkeypatch.setattr(rank_kernel, "kernel", lambda: None)
 
 
 @pytest.fixture
@@ -47,7 +54,8 @@ LABELS = {
 
 
 @pytest.mark.parametrize("kind", LABELS)
-def test_labels_of_any_kind_rank_as_integer_labels(kind, ranker):
+@pytest.mark.usefixtures("ranker")
+def test_labels_of_any_kind_rank_as_integer_labels(kind):
     q, g, ql, gl = random_case(4)
     assert_same(run(q, g, LABELS[kind](ql), LABELS[kind](gl), chunk_size=8), run(q, g, ql, gl, chunk_size=8))
 
@@ -168,3 +176,16 @@ def test_an_error_or_ctrl_c_in_one_block_stops_the_pool_and_restores_threads(fai
         run(q, g, ql, gl, chunk_size=2)   # one query a block: 300 blocks
     assert torch.get_num_threads() == 2
     assert set(seen) == {1} and len(seen) < 100
+
+
+def test_two_overlapping_rankings_restore_torch_threads(threads):
+    """Two threads ranking at once (a library user's thread pool): the first to finish must not
+    restore its count while the other still runs, nor the last leave torch on one thread."""
+    threads(2)
+    first, second = metrics._one_thread_per_op(), metrics._one_thread_per_op()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert torch.get_num_threads() == 1   # the second is still ranking
+    second.__exit__(None, None, None)
+    assert torch.get_num_threads() == 2
