@@ -24,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from retrieval import rank_kernel
+from retrieval.inputs import embeddings, label_codes
 
 PROTOCOLS = ("default", "hits_over_k", "noninterp")
 
@@ -186,11 +187,11 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
     if int(chunk_size) != chunk_size or chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be a whole number from 1 (query rows in flight).")
     device = torch.device(device)
-    queries, gallery = _embeddings(queries, "queries"), _embeddings(gallery, "gallery photos").to(device)
+    queries, gallery = embeddings(queries, "queries"), embeddings(gallery, "gallery photos").to(device)
     if queries.shape[1] != gallery.shape[1]:
         raise ValueError(f"the queries have {queries.shape[1]} dimensions but the gallery photos "
                          f"{gallery.shape[1]}: embed both with the same model.")
-    q_labels, g_lab = _label_codes(q_labels, g_labels, queries.shape[0], gallery.shape[0])
+    q_labels, g_lab = label_codes(q_labels, g_labels, queries.shape[0], gallery.shape[0])
     g_lab = g_lab.to(device)
     if not all(torch.isfinite(x.amax()) and torch.isfinite(x.amin()) for x in (queries, gallery)
                if x.numel()):
@@ -210,7 +211,7 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
 
     def rank_block(s):
         idx = by_label[s:s + block]
-        sims = queries[idx].to(device) @ gallery.T
+        sims = _similarities(queries[idx].to(device), gallery)
         if sims.numel() and not (torch.isfinite(sims.amax()) and torch.isfinite(sims.amin())):
             raise ValueError("similarities overflow float32 (embeddings too large, e.g. 1e20); they "
                              "cannot be ranked. L2-normalise the embeddings first.")
@@ -228,7 +229,7 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
 
     starts = range(0, n_q, block)
     with tqdm(total=n_q, desc=desc, disable=not progress, leave=False, unit="query") as bar:
-        if workers > 1 and len(starts) > 1:
+        if workers > 1:
             with _one_thread_per_op(), ThreadPoolExecutor(workers) as pool:
                 for done in pool.map(rank_block, starts):
                     bar.update(done)
@@ -238,24 +239,16 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
     return {k: v.numpy() for k, v in per_query.items()}, top.numpy()
 
 
-def _embeddings(x, name):
-    """float32 [n, dim]; numpy views of any layout (negative strides too) and float types."""
-    x = x.float() if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-    if x.dim() != 2:
-        raise ValueError(f"{name} must be a 2-D array [n, dim], got shape {tuple(x.shape)}.")
-    return x
+MIN_ROWS = 8  # MKL multiplies 1-3 rows (matrix-vector paths) to other last bits than more rows
 
 
-def _label_codes(q_labels, g_labels, n_q, n_g):
-    """Labels of any kind (ints, strings, fractions) as int64 codes shared by queries and photos."""
-    q, g = (np.asarray(l.cpu() if torch.is_tensor(l) else l) for l in (q_labels, g_labels))
-    for labels, n, what in ((q, n_q, "queries"), (g, n_g, "gallery photos")):
-        if labels.shape != (n,):
-            raise ValueError(f"{n} {what} but labels of shape {labels.shape}: give one label per row.")
-    given = [l for l in (q, g) if l.size]
-    codes = np.unique(np.concatenate(given), return_inverse=True)[1].reshape(-1) if given else np.zeros(0)
-    codes = torch.from_numpy(codes.astype(np.int64))
-    return codes[:n_q], codes[n_q:]
+def _similarities(rows, gallery):
+    """rows @ gallery.T, at least MIN_ROWS rows at a time (zero rows added), so that a query's
+    similarities, and so its ranks among near-tied photos, never depend on its block's size."""
+    n = rows.shape[0]
+    if n < MIN_ROWS:
+        rows = torch.cat([rows, rows.new_zeros(MIN_ROWS - n, rows.shape[1])])
+    return (rows @ gallery.T)[:n]
 
 
 _pools = {"running": 0, "threads": 1}   # rankings in threads at once share one saved count

@@ -189,3 +189,18 @@ def test_two_overlapping_rankings_restore_torch_threads(threads):
     assert torch.get_num_threads() == 1   # the second is still ranking
     second.__exit__(None, None, None)
     assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("n_threads, chunk", [(1, 1), (1, 3), (2, 6), (3, 512), (2, 2 * 149 + 3)])
+def test_the_numbers_do_not_depend_on_threads_or_chunk_size(n_threads, chunk, threads):
+    """MKL computes a product of 1-3 rows (its matrix-vector paths) to other last bits than a
+    larger one; blocks of that size (a small chunk, a tail of 1-3 queries) changed some ranks of
+    near-tied photos, so the numbers depended on the machine's thread count."""
+    rng = np.random.default_rng(3)
+    q, g = (x / np.linalg.norm(x, axis=1, keepdims=True)
+            for x in (rng.standard_normal((301, 64), dtype=np.float32), rng.standard_normal((3000, 64), dtype=np.float32)))
+    ql, gl = rng.integers(0, 5, 301), rng.integers(0, 5, 3000)
+    threads(1)
+    want = run(q, g, ql, gl, chunk_size=512)
+    threads(n_threads)
+    assert_same(run(q, g, ql, gl, chunk_size=chunk), want)
