@@ -18,6 +18,8 @@ def label_codes(q_labels, g_labels, n_q, n_g):
     for labels, n, what in ((q, n_q, "queries"), (g, n_g, "gallery photos")):
         if labels.shape != (n,):
             raise ValueError(f"{n} {what} but labels of shape {labels.shape}: give one label per row.")
+        if labels.dtype.kind == "f" and np.isnan(labels).any():
+            raise ValueError(f"the {what}' labels contain NaN; give each a class label.")
     given = [l for l in (q, g) if l.size]
     codes = np.unique(np.concatenate(given), return_inverse=True)[1].reshape(-1) if given else np.zeros(0)
     codes = torch.from_numpy(codes.astype(np.int64))

@@ -204,3 +204,13 @@ def test_the_numbers_do_not_depend_on_threads_or_chunk_size(n_threads, chunk, th
     want = run(q, g, ql, gl, chunk_size=512)
     threads(n_threads)
     assert_same(run(q, g, ql, gl, chunk_size=chunk), want)
+
+
+def test_nan_labels_are_refused():
+    """A NaN label (a missing class) matches nothing by ==, but one code once labels are encoded:
+    refused rather than either."""
+    q, g, ql, gl = random_case(0)
+    gl = gl.astype(float)
+    gl[4] = np.nan
+    with pytest.raises(ValueError, match="gallery photos' labels contain NaN"):
+        run(q, g, ql, gl)
