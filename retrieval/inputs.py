@@ -5,8 +5,8 @@ import torch
 
 
 def embeddings(x, name):
-    """float32 [n, dim]; numpy views of any layout (negative strides too) and float types."""
-    x = x.float() if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    """float32 [n, dim], detached; numpy views of any layout (negative strides too) and float types."""
+    x = x.detach().float() if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     if x.dim() != 2:
         raise ValueError(f"{name} must be a 2-D array [n, dim], got shape {tuple(x.shape)}.")
     return x

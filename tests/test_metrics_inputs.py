@@ -214,3 +214,12 @@ def test_nan_labels_are_refused():
     gl[4] = np.nan
     with pytest.raises(ValueError, match="gallery photos' labels contain NaN"):
         run(q, g, ql, gl)
+
+
+@pytest.mark.usefixtures("ranker")
+def test_embeddings_that_require_grad_rank_as_plain_tensors():
+    """Model outputs taken outside torch.no_grad(): the kernel's numpy view used to fail, and the
+    torch ranking would build an autograd graph of every block."""
+    q, g, ql, gl = random_case(2)
+    tracked = run(torch.tensor(q, requires_grad=True), torch.tensor(g, requires_grad=True), ql, gl)
+    assert_same(tracked, run(q, g, ql, gl))
