@@ -14,6 +14,7 @@ import torch
 from utils.runtime import log
 
 BUCKETS_PER_PHOTO = 2  # more buckets: fewer photos share one with a relevant photo
+MAX_GALLERY = 2 ** 31 // BUCKETS_PER_PHOTO - 1   # bucket numbers, up to nb = 2G, are int32
 
 
 @functools.cache
@@ -105,6 +106,9 @@ def hit_ranks(sims, relevant):
     from retrieval.metrics import order_keys
 
     g = sims.shape[1]
+    if g > MAX_GALLERY:
+        raise ValueError(f"a gallery of {g:,} photos: the CPU ranking kernel takes at most {MAX_GALLERY:,} "
+                         f"(int32 bucket numbers); evaluate on a subset of the photos.")
     keys = order_keys(sims.index_select(1, relevant), relevant, g).numpy()
     keys.sort(axis=1)
     asc_idx = (g - 1) - (keys & 0xFFFFFFFF)   # order_keys' lower 32 bits: g - 1 - index

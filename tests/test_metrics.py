@@ -223,3 +223,12 @@ def test_similarities_that_overflow_are_refused():
     q, g, ql, gl = random_case(0, ties=False)
     with pytest.raises(ValueError, match="overflow float32.*L2-normalise"):
         retrieval_metrics(q * 1e20, g * 1e20, ql, gl, progress=False)
+
+
+def test_kernel_refuses_a_gallery_beyond_its_int32_buckets():
+    """2 buckets a photo, numbered in int32: from 2^30 photos the relevant photos' marker (bucket
+    2G) wrapped to a negative index, read as another bucket: wrong ranks, silently. A row of 2^30
+    equal similarities, expanded from one number, costs no memory."""
+    sims = torch.zeros(1, 1).expand(1, 2 ** 30)
+    with pytest.raises(ValueError, match="1,073,741,824 photos.*at most 1,073,741,823"):
+        rank_kernel.hit_ranks(sims, torch.tensor([0, 5]))
