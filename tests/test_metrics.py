@@ -1,5 +1,6 @@
 """The metric engine against a straightforward per-query reference written independently here."""
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -232,3 +233,25 @@ def test_kernel_refuses_a_gallery_beyond_its_int32_buckets():
     sims = torch.zeros(1, 1).expand(1, 2 ** 30)
     with pytest.raises(ValueError, match="1,073,741,824 photos.*at most 1,073,741,823"):
         rank_kernel.hit_ranks(sims, torch.tensor([0, 5]))
+
+
+@pytest.mark.parametrize("how", ["numba missing", "MA_SBIR_NO_NUMBA=1"])
+def test_without_the_kernel_the_torch_ranking_gives_the_same_numbers(how, monkeypatch, caplog):
+    """numba not installed: one warning naming the fix; MA_SBIR_NO_NUMBA=1: silently. Either way the
+    engine ranks with torch operations, to the same numbers as the kernel."""
+    q, g, ql, gl = random_case(5)
+    with_kernel = retrieval_metrics(q, g, ql, gl, chunk_size=16, progress=False)
+    if how == "numba missing":
+        monkeypatch.setitem(sys.modules, "numba", None)   # `from numba import njit` raises ImportError
+    else:
+        monkeypatch.setenv("MA_SBIR_NO_NUMBA", "1")
+    rank_kernel.kernel.cache_clear()
+    try:
+        assert rank_kernel.kernel() is None
+        without = retrieval_metrics(q, g, ql, gl, chunk_size=16, progress=False)
+    finally:
+        rank_kernel.kernel.cache_clear()
+    assert ("numba is not installed" in caplog.text) == (how == "numba missing")
+    np.testing.assert_array_equal(with_kernel[1], without[1])
+    for k in with_kernel[0]:
+        np.testing.assert_array_equal(with_kernel[0][k], without[0][k])
