@@ -12,7 +12,7 @@ mtime at build time, each image's offset and channels, the shard's byte size, CR
 A shard is used only when all of that still matches; otherwise (an image changed, added or removed,
 a shard damaged or cut short) that shard alone is rebuilt. Shards and sidecars are written to a
 temporary file and renamed, sidecar last, as soon as the shard is whole: a crash, a full disk or a
-Ctrl-C never leaves a shard that a later run reads, and keeps the shards that were whole.
+Ctrl-C never leaves a shard that a later run reads, and keeps the shards finished before it.
 """
 import hashlib
 import json

@@ -122,3 +122,32 @@ def test_shards_finished_before_a_stop_keep_their_sidecars(small_root, tmp_path,
     assert len(again.check(rels)) <= len(rels) - 3
     assert not list(again.dir.glob(".*.tmp"))
     assert_pixels_of_the_files(again.build(rels, progress=False) and again, small_root)
+
+
+def test_a_failing_shard_stops_the_others_at_their_next_image(small_root, tmp_path, monkeypatch):
+    """One shard fails while another thread is half-way through its shard: that thread stops
+    before its next image (a 1,024-image shard would otherwise decode on) and leaves no temporary."""
+    folders = sorted({rel.rpartition("/")[0] for rel in rels_of(small_root)})[:2]
+    failing, other = ([rel for rel in rels_of(small_root) if rel.rpartition("/")[0] == f] for f in folders)
+    assert len(other) >= 2
+    stops, decoded, first_done = [], [], threading.Event()
+    real_write, real_decode = dc.write_shard, dc.decode
+
+    def write_shard(job, stop=None):
+        stops.append(stop)
+        return real_write(job, stop)
+
+    def decode(path, ops):
+        if path == small_root / failing[0]:
+            assert first_done.wait(10)
+            raise OSError("a disk error")
+        decoded.append(path)
+        first_done.set()
+        assert stops[0].wait(10)   # the build has stopped
+        return real_decode(path, ops)
+    monkeypatch.setattr(dc, "write_shard", write_shard)
+    monkeypatch.setattr(dc, "decode", decode)
+    with pytest.raises(dc.UserError, match="could not write the image cache .*a disk error"):
+        cache_of(tmp_path, small_root).build(failing + other, workers=2, progress=False)
+    assert decoded == [small_root / other[0]]
+    assert not list((tmp_path / "cache").rglob(".*.tmp"))
