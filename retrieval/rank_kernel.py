@@ -1,7 +1,8 @@
-"""The CPU ranking kernel: retrieval.metrics.hit_ranks compiled with numba, one pass over each row.
+"""The CPU ranking kernel: retrieval.metrics.hit_ranks' method written as loops, compiled with numba.
 
 The torch version runs a dozen whole-matrix operations per group of rows, each a pass over rows x
-gallery in memory; here each photo is read once: its bucket, a table lookup, a count. The result is
+gallery in memory; here a row takes two passes: each photo's bucket, then per photo a table lookup
+and a count (a binary search for the few sharing a bucket with a relevant photo). The result is
 the same, rank for rank (tests/test_metrics.py checks both against a plain sort). Without numba,
 or with MA_SBIR_NO_NUMBA=1 in the environment, retrieval.metrics uses the torch version.
 """
@@ -41,11 +42,11 @@ def _rank_rows(sims, asc_idx, out):
     asc_idx[r]: the relevant photos' gallery indices in ascending ranking order (least similar
     first, ties by gallery index descending).
 
-    Per row: map similarities to nb buckets spanning the relevant ones (buckets 1 .. nb - 2) by a
-    multiply, an add, a clamp and a truncation: monotone, so a photo in a higher bucket than a
-    relevant photo ranks above it. A table gives each bucket the number of relevant photos below
-    it, or, for a bucket holding relevant photos, marks it, so that the photos sharing it are
-    placed exactly by binary search among those. counts[t] = photos with t relevant photos below
+    Per row: map similarities to nb buckets spanning the relevant ones (buckets 1 .. nb - 2, unless
+    the scale is capped: all of them nearly equal) by a multiply, an add, a clamp and a truncation:
+    monotone, so a photo in a higher bucket than a relevant photo ranks above it. A table gives
+    each bucket the number of relevant photos below it, or, for a bucket holding relevant photos,
+    marks it, so that the photos sharing it are placed exactly by binary search among those. counts[t] = photos with t relevant photos below
     them; the rank of the t-th relevant photo (ascending) is 1 + the photos with more than t below."""
     n, g = sims.shape
     p = asc_idx.shape[1]
@@ -62,7 +63,7 @@ def _rank_rows(sims, asc_idx, out):
         for t in range(p):
             asc_val[t] = row[idx[t]]
         lo, hi = asc_val[0], asc_val[p - 1]
-        cap = 2.0 ** 100 / max(abs(lo), abs(hi), 1.0)   # all relevant photos equally similar
+        cap = 2.0 ** 100 / max(abs(lo), abs(hi), 1.0)   # relevant photos (nearly) equally similar
         scale = min((nb - 3) / (hi - lo), cap) if hi > lo else cap
         offset = 1.5 - lo * scale
         top = nb - 1.0
