@@ -5,9 +5,9 @@ python -m benchmarks.metrics quickdraw # (b) QuickDraw-Ext scale, 92,291 x 54,15
   [--device cpu|cuda] [--chunk-size 512] [--classes 30] [--clustered NOISE] [--repeat N]
 
 One chunk is ranked first, not timed (CUDA start-up; on a CPU, loading numba and the compiled
-ranking kernel). Beside the engine, the command times the engine's own float32 similarity products alone (the same
-chunks of queries in label order, on the same device) and prints engine / products: how close
-ranking gets to the matrix product it cannot avoid. With --repeat N (default 3 for seed, 1 for
+ranking kernel). Beside the engine, the command times the engine's own float32 similarity
+products alone (the same chunks of queries in label order, on the same device) and prints
+engine / products: how close ranking gets to the matrix product it cannot avoid. With --repeat N (default 3 for seed, 1 for
 quickdraw) both run N times, alternately, and the median ratio is printed too.
 
 Embeddings are random unit vectors with random labels of `--classes` classes (or, with

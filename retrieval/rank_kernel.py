@@ -46,8 +46,9 @@ def _rank_rows(sims, asc_idx, out):
     the scale is capped: all of them nearly equal) by a multiply, an add, a clamp and a truncation:
     monotone, so a photo in a higher bucket than a relevant photo ranks above it. A table gives
     each bucket the number of relevant photos below it, or, for a bucket holding relevant photos,
-    marks it, so that the photos sharing it are placed exactly by binary search among those. counts[t] = photos with t relevant photos below
-    them; the rank of the t-th relevant photo (ascending) is 1 + the photos with more than t below."""
+    marks it, so that the photos sharing it are placed exactly by binary search among those.
+    counts[t] = photos with t relevant photos below them; the rank of the t-th relevant photo
+    (ascending) is 1 + the photos with more than t below."""
     n, g = sims.shape
     p = asc_idx.shape[1]
     nb = max(BUCKETS_PER_PHOTO * g, 4)
