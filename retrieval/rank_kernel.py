@@ -21,7 +21,7 @@ MAX_GALLERY = 2 ** 31 // BUCKETS_PER_PHOTO - 1   # bucket numbers, up to nb = 2G
 @functools.cache
 def kernel():
     """The compiled _rank_rows (compiled once, then loaded from numba's cache), or None."""
-    if os.environ.get("MA_SBIR_NO_NUMBA"):
+    if os.environ.get("MA_SBIR_NO_NUMBA", "0") not in ("", "0"):
         return None
     try:
         from numba import njit

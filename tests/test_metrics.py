@@ -255,3 +255,14 @@ def test_without_the_kernel_the_torch_ranking_gives_the_same_numbers(how, monkey
     np.testing.assert_array_equal(with_kernel[1], without[1])
     for k in with_kernel[0]:
         np.testing.assert_array_equal(with_kernel[0][k], without[0][k])
+
+
+@pytest.mark.parametrize("value, uses_kernel", [("1", False), ("0", True), ("", True)])
+def test_ma_sbir_no_numba_0_keeps_the_kernel(value, uses_kernel, monkeypatch):
+    """MA_SBIR_NO_NUMBA=1 turns the kernel off; =0 (or empty) leaves it on, as the name reads."""
+    monkeypatch.setenv("MA_SBIR_NO_NUMBA", value)
+    rank_kernel.kernel.cache_clear()
+    try:
+        assert (rank_kernel.kernel() is not None) == uses_kernel
+    finally:
+        rank_kernel.kernel.cache_clear()
