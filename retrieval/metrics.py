@@ -205,7 +205,8 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
     by_label = torch.argsort(q_labels, stable=True)  # each block holds runs of one label
     workers = torch.get_num_threads() if device.type == "cpu" else 1
     # On a CPU each thread takes whole blocks (product, top k and ranks, no barrier between
-    # them), so that `chunk_size` query rows are in flight in all; on a GPU one block at a time.
+    # them), so that `chunk_size` query rows (at least one a thread) are in flight in all; on a
+    # GPU one block at a time.
     n_q = queries.shape[0]
     block = max(1, min(int(chunk_size) // workers, math.ceil(n_q / workers)))
 
