@@ -134,7 +134,7 @@ def main():
     files = SketchPhotoDataset(rows, transform, prompts)
     print(f"{len(rows)} images ({'demo' if args.demo else 'real-shaped'}), batch {args.batch_size}, output "
           f"{args.image_size} px, {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f}")
-    print(f"cache build: {build:.1f} images/s ({os.cpu_count()} threads)")
+    print(f"cache build: {build:.1f} images/s (up to {os.cpu_count()} threads, one a shard)")
     disk_report(rows, transform, cache_base)
     print("| workers | files images/s | cache images/s | cache / files | cache + normalise on CPU |")
     print("| --- | --- | --- | --- | --- |")

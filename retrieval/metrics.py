@@ -54,6 +54,9 @@ def _bucket_map(rel_sims, nb):
     return scale.float(), (1.5 - lo * scale).float()
 
 
+INDEX_LIMIT = 2 ** 31 - 1  # flat int32 indices over rows x buckets (and rows x relevant photos)
+
+
 def hit_ranks(sims, relevant):
     """1-based ranks of the relevant gallery items in each row of `sims` [n, G] (rows that share
     the relevant set), ascending: [n, P].
@@ -64,6 +67,9 @@ def hit_ranks(sims, relevant):
     placed exactly by binary search among the row's sorted relevant keys. A histogram of those
     counts gives, for each relevant photo, the photos ranked above it."""
     n, g = sims.shape
+    rows = max(1, INDEX_LIMIT // (2 * max(g, 4) + 2))   # its flat int32 indices stay below the limit
+    if n > rows:
+        return torch.cat([hit_ranks(sims[s:s + rows], relevant) for s in range(0, n, rows)])
     p = relevant.numel()
     dev = sims.device
     rel_sims = sims.index_select(1, relevant)

@@ -173,6 +173,16 @@ def test_kernel_without_a_writable_cache_folder_compiles_per_process(monkeypatch
     assert "cannot cache the ranking kernel" in caplog.text and "NUMBA_CACHE_DIR" in caplog.text
 
 
+def test_torch_ranking_splits_rows_whose_flat_indices_would_pass_int32(monkeypatch):
+    """The torch ranking (the GPU's) indexes rows x buckets with int32: past 2^31 (a block of 4,096
+    queries and half a million photos) it ranks the rows in parts. The limit is lowered here, so
+    that 10 rows of 30 photos take four parts, with the same ranks."""
+    sims, relevant = torch.randn(10, 30), torch.tensor([0, 3, 17, 29])
+    monkeypatch.setattr(metrics, "INDEX_LIMIT", 200)
+    assert 200 // (2 * 30 + 2) == 3
+    assert torch.equal(metrics.hit_ranks(sims, relevant), sorted_ranks(sims, relevant))
+
+
 def test_hand_computed_case():
     # one query; gallery similarities 0.9, 0.8 (tie with index 3), 0.7, 0.8; relevant: 1 and 2
     q = np.array([[1.0, 0.0]])
