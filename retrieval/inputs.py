@@ -21,6 +21,21 @@ def label_codes(q_labels, g_labels, n_q, n_g):
         if labels.dtype.kind == "f" and np.isnan(labels).any():
             raise ValueError(f"the {what}' labels contain NaN; give each a class label.")
     given = [l for l in (q, g) if l.size]
+    kinds = {_kind(l) for l in given}
+    if "mixed" in kinds or len(kinds) > 1:
+        raise ValueError(f"labels of mixed kinds (the queries' {_kind(q)}, the gallery photos' {_kind(g)}): "
+                         f"1 and '1' would never match; give labels of one kind (e.g. class ids).")
     codes = np.unique(np.concatenate(given), return_inverse=True)[1].reshape(-1) if given else np.zeros(0)
     codes = torch.from_numpy(codes.astype(np.int64))
     return codes[:n_q], codes[n_q:]
+
+
+def _kind(labels):
+    """'numbers', 'text', or 'mixed' (an object array holding both, or None)."""
+    if labels.dtype.kind in "biuf":
+        return "numbers"
+    if labels.dtype.kind in "US":
+        return "text"
+    types = {"numbers" if isinstance(x, (int, float, np.number)) and not isinstance(x, bool) else
+             "text" if isinstance(x, str) else "mixed" for x in labels.tolist()}
+    return types.pop() if len(types) == 1 else "mixed"

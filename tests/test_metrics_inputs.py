@@ -53,6 +53,20 @@ LABELS = {
 }
 
 
+@pytest.mark.parametrize("q_kind, g_kind", [("int", "str"), ("mixed", "mixed"), ("none", "int")])
+def test_labels_of_kinds_that_cannot_match_are_refused(q_kind, g_kind):
+    """Integer query labels against string gallery labels (numpy would turn 1 into "1" and match them);
+    an object array mixing 1 and "1", or holding None, cannot be ordered: both refused, named.
+    An object array of plain ints (from pandas, say) ranks as the ints."""
+    q, g, ql, gl = random_case(0)
+    as_kind = {"int": lambda l: l.astype(np.int64), "str": lambda l: l.astype(str),
+               "mixed": lambda l: np.array([int(x) if i % 2 else str(x) for i, x in enumerate(l)], dtype=object),
+               "none": lambda l: np.array([None] + list(l[1:]), dtype=object)}
+    with pytest.raises(ValueError, match="labels of mixed kinds.*give labels of one kind"):
+        run(q, g, as_kind[q_kind](ql), as_kind[g_kind](gl))
+    assert_same(run(q, g, ql.astype(object), gl), run(q, g, ql, gl))
+
+
 @pytest.mark.parametrize("kind", LABELS)
 @pytest.mark.usefixtures("ranker")
 def test_labels_of_any_kind_rank_as_integer_labels(kind):
