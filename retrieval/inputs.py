@@ -1,5 +1,5 @@
-"""retrieval_metrics' inputs checked and made uniform: float32 [n, dim] embeddings, and labels of
-any kind as int64 codes shared by the queries and the gallery."""
+"""retrieval_metrics' inputs checked and made uniform: float32 [n, dim] embeddings, finite values,
+and labels of any kind as int64 codes shared by the queries and the gallery."""
 import numpy as np
 import torch
 
@@ -10,6 +10,11 @@ def embeddings(x, name):
     if x.dim() != 2:
         raise ValueError(f"{name} must be a 2-D array [n, dim], got shape {tuple(x.shape)}.")
     return x
+
+
+def finite(x):
+    """No NaN or infinity in x (two reductions: far cheaper than isfinite(x).all())."""
+    return not x.numel() or bool(torch.isfinite(x.amax()) and torch.isfinite(x.amin()))
 
 
 def label_codes(q_labels, g_labels, n_q, n_g):

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from retrieval import rank_kernel
-from retrieval.inputs import embeddings, label_codes
+from retrieval.inputs import embeddings, finite, label_codes
 
 PROTOCOLS = ("default", "hits_over_k", "noninterp")
 
@@ -199,8 +199,7 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
                          f"{gallery.shape[1]}: embed both with the same model.")
     q_labels, g_lab = label_codes(q_labels, g_labels, queries.shape[0], gallery.shape[0])
     g_lab = g_lab.to(device)
-    if not all(torch.isfinite(x.amax()) and torch.isfinite(x.amin()) for x in (queries, gallery)
-               if x.numel()):
+    if not (finite(queries) and finite(gallery)):
         raise ValueError("embeddings contain NaN or infinite values; similarities cannot be ranked.")
     relevant = {int(l): (g_lab == l).nonzero()[:, 0] for l in torch.unique(q_labels).tolist()}
     names = metric_names(ap_cut, ks, protocols)
@@ -219,7 +218,7 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
     def rank_block(s):
         idx = by_label[s:s + block]
         sims = _similarities(queries[idx].to(device), gallery)
-        if sims.numel() and not (torch.isfinite(sims.amax()) and torch.isfinite(sims.amin())):
+        if not finite(sims):
             raise ValueError("similarities overflow float32 (embeddings too large, e.g. 1e20); they "
                              "cannot be ranked. L2-normalise the embeddings first.")
         top[idx] = top_indices(sims, topk).cpu()

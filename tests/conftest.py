@@ -1,4 +1,4 @@
-"""pytest fixtures: the small generated demo dataset, the real configs composed and shrunk (model=tiny), a user folder dataset."""
+"""pytest fixtures: the metric engine's two rankers, the small generated demo dataset, the real configs composed and shrunk (model=tiny), a user folder dataset."""
 import sys
 from pathlib import Path
 
@@ -8,6 +8,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from data.demo import generate  # noqa: E402
+from retrieval import rank_kernel  # noqa: E402
 from utils.schema import compose_config  # noqa: E402
 
 
@@ -45,3 +46,13 @@ def folder_dataset(demo_root, data, classes=("apple", "star", "house", "moon", "
             shutil.copytree(demo_root / sub / cls, data / sub / cls)
     (data / "unseen.txt").write_text("".join(f"{c}\n" for c in unseen))
     return data
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def ranker(request, monkeypatch):
+    """The engine with its CPU kernel (numba), and with the torch ranking that a GPU runs."""
+    if request.param == "torch":
+        monkeypatch.setattr(rank_kernel, "kernel", lambda: None)
+    else:
+        assert rank_kernel.kernel() is not None, "numba is in requirements.txt: the kernel must compile"
+    return request.param

@@ -64,16 +64,6 @@ def random_case(seed, nq=37, ng=230, d=8, n_cls=6, ties=True):
     return q, g, ql, gl
 
 
-@pytest.fixture(params=["kernel", "torch"])
-def ranker(request, monkeypatch):
-    """The engine with its CPU kernel (numba), and with the torch ranking that a GPU runs."""
-    if request.param == "torch":
-        monkeypatch.setattr(rank_kernel, "kernel", lambda: None)
-    else:
-        assert rank_kernel.kernel() is not None, "numba is in requirements.txt: the kernel must compile"
-    return request.param
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 def test_engine_matches_reference(seed, chunk, ranker):

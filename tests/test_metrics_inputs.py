@@ -15,13 +15,6 @@ from tests.test_metrics import random_case, reference
 ALL = ("default", "hits_over_k", "noninterp")
 
 
-@pytest.fixture(params=["kernel", "torch"])
-def ranker(request, monkeypatch):
-    """The CPU kernel, and the torch ranking (a GPU's, or without numba)."""
-    if request.param == "torch":
-        monkeypatch.setattr(rank_kernel, "kernel", lambda: None)
-
-
 @pytest.fixture
 def threads():
     """Set torch's thread count for a test; restored afterwards."""
