@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install check-data bench clean app
+.PHONY: demo test test-fast lint format install check-data bench clean app
 
 $(STAMP): requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,17 @@ app: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# the tests not marked slow (multi-process, browser and learning tests are): under 3 minutes
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
 
 check-data: $(STAMP)
 	$(PY) -m data.check $(ARGS)
