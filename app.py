@@ -2,8 +2,8 @@
 python app.py path=<run> gallery=<folder> [port=7860]  (served on 127.0.0.1 only)"""
 import hydra
 
-from retrieval.app import serve
-from utils.runtime import run_cli
+from gallery.app import serve
+from runtime.errors import run_cli
 
 
 @hydra.main(version_base="1.3", config_path="setting", config_name="config-app")

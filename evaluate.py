@@ -3,8 +3,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 
 from pipeline.evaluate import evaluate
-from utils.runtime import run_cli
-from utils.schema import register
+from runtime.errors import run_cli
+from config.schema import register
 
 register()  # the typed schemas the config files build on
 

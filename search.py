@@ -2,8 +2,8 @@
 python search.py path=<run> gallery=<folder> query=<image file> | text="a bicycle" [k=10]"""
 import hydra
 
-from retrieval.search import search
-from utils.runtime import run_cli
+from gallery.search import search
+from runtime.errors import run_cli
 
 
 @hydra.main(version_base="1.3", config_path="setting", config_name="config-search")

@@ -6,10 +6,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from pipeline.train import train
-from utils.hydra_folders import remove_unused_sweep
-from utils.run_folder import made_by_this_process, remove_empty_run_folder, resume_config
-from utils.runtime import run_cli
-from utils.schema import register
+from runs.hydra_folders import remove_unused_sweep
+from runs.folder import made_by_this_process, remove_empty_run_folder, resume_config
+from runtime.errors import run_cli
+from config.schema import register
 
 register()  # the typed schemas the config files build on
 

@@ -26,8 +26,8 @@ from transformers import CLIPConfig, CLIPModel, get_constant_schedule_with_warmu
 
 from model.backbone import build_model
 from model.checkpoint import load_checkpoint
-from utils.run_folder import RunFolder
-from utils.restricted_pickle import restricted_load
+from runs.folder import RunFolder
+from runtime.restricted_pickle import restricted_load
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -99,7 +99,7 @@ def main():
 
     rows = timed({
         "torch.load(weights_only=False) (baseline)": lambda: torch.load(src, map_location="cpu", weights_only=False),
-        "restricted loader (utils/restricted_pickle.py)": lambda: restricted_load(src),
+        "restricted loader (runtime/restricted_pickle.py)": lambda: restricted_load(src),
         "python -m model.convert (whole command)": convert,
         "of which start-up: python -c 'import model.convert'": lambda: subprocess.run(
             [sys.executable, "-c", "import model.convert"], cwd=REPO, check=True)}, args.repeats)

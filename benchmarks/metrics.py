@@ -23,7 +23,7 @@ import time
 import numpy as np
 import torch
 
-from retrieval.metrics import retrieval_metrics, summarize
+from metrics.engine import retrieval_metrics, summarize
 
 
 def seed_style(q, g, ql, gl, cut=200, ks=(100, 200)):

@@ -18,10 +18,10 @@ import torch
 
 from data.demo import DEFAULT_ROOT, generate
 from model.backbone import build_model
-from retrieval.ann import build_ann
-from retrieval.gallery import update_index
-from utils.io import save_torch
-from utils.schema import compose_config
+from gallery.ann import build_ann
+from gallery.index import update_index
+from runtime.io import save_torch
+from config.schema import compose_config
 
 
 def indexing(args):

@@ -26,8 +26,8 @@ from data.loader import PromptTable, SketchPhotoDataset, make_loader, model_inpu
 from model.backbone import build_model, loss_ratios
 from model.loss import ModalityAwareLoss
 from model.optim import param_groups
-from utils.runtime import autocast, pick_device
-from utils.schema import compose_config
+from runtime.device import autocast, pick_device
+from config.schema import compose_config
 
 
 def step_rate(args, device, compiled, uint8=False, fused=False, loader=None, count=False):

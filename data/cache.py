@@ -30,13 +30,22 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.loader import open_image
-from utils.io import DiskFullError, atomic_path, save_json
-from utils.runtime import UserError, log
+from runtime.io import DiskFullError, atomic_path, save_json
+from runtime.errors import UserError
+from runtime.logs import log
 
 VERSION = 1
 SHARD_IMAGES = 1024
 DEFAULT_BASE = Path(__file__).resolve().parent.parent / ".cache" / "prepared"
 AUGMENT_MARGIN = 8 / 7   # augmented training crops from a cache kept this much larger (256 for 224)
+
+
+def cache_base(setting):
+    """dataset.cache: false (use a cache that exists, build none), true (build in .cache/prepared)
+    or a folder (build there)."""
+    if isinstance(setting, (str, Path)) and str(setting).lower() not in ("", "false", "true"):
+        return Path(setting).expanduser(), True
+    return DEFAULT_BASE, setting is True or str(setting).lower() == "true"
 
 
 def pixel_ops(transform):
@@ -269,11 +278,10 @@ class ImageCache:
 
 def main(argv):
     """Build (or refresh and fully verify) the cache for every split of a dataset config."""
-    from data.cached import cache_base
     from data.index import make_splits
     from model.backbone import build_model
-    from utils.runtime import setup_logging
-    from utils.schema import compose_config
+    from runtime.logs import setup_logging
+    from config.schema import compose_config
 
     setup_logging()
     cfg = compose_config("config-train", argv)
@@ -296,5 +304,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from utils.runtime import run_cli
+    from runtime.errors import run_cli
     sys.exit(run_cli(main, sys.argv[1:]))

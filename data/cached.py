@@ -10,7 +10,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data.cache import DEFAULT_BASE, ImageCache, cache_ops, decode, is_random, pixel_ops, root_dir
+from data.cache import DEFAULT_BASE, ImageCache, cache_base, cache_ops, decode, is_random, pixel_ops, root_dir
 from data.loader import SketchPhotoDataset, sample_seed
 
 
@@ -64,14 +64,6 @@ def _all_ranks(pairs):
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, sorted(set(pairs)))
     return sorted(set().union(*parts))
-
-
-def cache_base(setting):
-    """dataset.cache: false (use a cache that exists, build none), true (build in .cache/prepared)
-    or a folder (build there)."""
-    if isinstance(setting, (str, Path)) and str(setting).lower() not in ("", "false", "true"):
-        return Path(setting).expanduser(), True
-    return DEFAULT_BASE, setting is True or str(setting).lower() == "true"
 
 
 def image_dataset(rows, transform, prompts, setting=False, progress=True, max_pixels=Image.MAX_IMAGE_PIXELS,

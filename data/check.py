@@ -16,8 +16,9 @@ from data.cached import cache_base, decodable
 from data.layouts import PHOTO
 from data.index import make_splits, validation_problem
 from data.loader import unreadable
-from utils.runtime import UserError, log
-from utils.schema import dataset_defaults
+from runtime.errors import UserError
+from runtime.logs import log
+from config.schema import dataset_defaults
 
 
 @dataclass
@@ -122,7 +123,7 @@ def format_report(report):
 
 
 def main(argv):
-    from utils.schema import compose_config
+    from config.schema import compose_config
 
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
@@ -139,5 +140,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from utils.runtime import run_cli
+    from runtime.errors import run_cli
     sys.exit(run_cli(main, sys.argv[1:]))

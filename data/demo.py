@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from utils.runtime import UserError, run_cli
+from runtime.errors import UserError, run_cli
 
 VERSION = 1
 SIZE = 64

@@ -9,8 +9,9 @@ from tqdm import tqdm
 from data.layouts import (PHOTO, SKETCH, TEXT, match_key, prompt_for, read_annotation_csv,
                            read_class_list, resolve_name, resolve_root, scan_layout, split_file)
 from data.loader import unreadable
-from utils.runtime import UserError, log
-from utils.schema import dataset_defaults
+from runtime.errors import UserError
+from runtime.logs import log
+from config.schema import dataset_defaults
 
 MIN_VAL_CLASSES = 5
 
@@ -31,7 +32,7 @@ class DatasetIndex:
 
 def build_index(idx, dcfg):
     """Scan the dataset's on-disk layout (or read given seed CSVs) into a DatasetIndex. `dcfg`: a
-    dataset config, the keys it lacks taken from utils/schema.py's defaults."""
+    dataset config, the keys it lacks taken from config/schema.py's defaults."""
     dcfg = dataset_defaults(dcfg)
     name = resolve_name(idx)
     root = resolve_root(name, dcfg.root)

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.runtime import UserError
+from runtime.errors import UserError
 
 PHOTO, SKETCH, TEXT = 0, 1, 3
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}

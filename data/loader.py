@@ -7,7 +7,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from utils.runtime import UserError
+from runtime.errors import UserError
 
 
 def open_image(path, max_pixels=Image.MAX_IMAGE_PIXELS, draft=None):

@@ -8,7 +8,8 @@ from omegaconf import open_dict
 from open_clip.transformer import QuickGELU
 
 from model.weights import load_clip_state, read_local_weights
-from utils.runtime import UserError, log
+from runtime.errors import UserError
+from runtime.logs import log
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(CONFIG_DIR)

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.io import load_torch, save_torch
-from utils.run_folder import RunFolder
-from utils.runtime import UserError
+from runtime.io import load_torch, save_torch
+from runs.folder import RunFolder
+from runtime.errors import UserError
 
 # Model settings a checkpoint's weights depend on.
 ARCH_KEYS = ("backbone", "n_mode")

@@ -3,7 +3,7 @@ python -m model.convert src=<their .pth> out=<run folder> dataset=<name> [datase
 
 Their file holds `model` (or `model_state_dict`) with HF CLIPModel names under `encoder.clip.`,
 `encoder.mode_embedding.weight` and `encoder.discriminator.*`, beside a pickled optimiser and
-scheduler object. It is read with a restricted unpickler (utils/restricted_pickle.py): tensors and
+scheduler object. It is read with a restricted unpickler (runtime/restricted_pickle.py): tensors and
 plain containers only, nothing in the file is ever run."""
 import shutil
 import sys
@@ -15,12 +15,13 @@ from data.index import make_splits
 from model.backbone import build_model
 from model.hf_clip import hf_to_open_clip, is_hf_clip
 from model.weights import load_clip_state
-from utils.config import prepare
-from utils.io import save_text, save_torch
-from utils.restricted_pickle import Dropped, is_torchscript, restricted_load
-from utils.run_folder import RunFolder
-from utils.runtime import UserError, log, run_cli, setup_logging
-from utils.schema import compose_config
+from config.entry import prepare
+from runtime.io import save_text, save_torch
+from runtime.restricted_pickle import Dropped, is_torchscript, restricted_load
+from runs.folder import RunFolder
+from runtime.errors import UserError, run_cli
+from runtime.logs import log, setup_logging
+from config.schema import compose_config
 
 PREFIX = "encoder.clip."
 HEAD = {"modes.weight": "encoder.mode_embedding.weight", "disc.weight": "encoder.discriminator.weight",

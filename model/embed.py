@@ -6,7 +6,7 @@ from tqdm import tqdm
 
 from data.cached import image_dataset
 from data.loader import PromptTable, make_loader, model_input
-from utils.runtime import autocast
+from runtime.device import autocast
 
 
 @torch.no_grad()

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.runtime import UserError
+from runtime.errors import UserError
 
 
 class ModalityAwareCLIP(nn.Module):

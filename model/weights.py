@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from model.hf_clip import hf_quick_gelu, hf_to_open_clip, is_hf_clip
-from utils.restricted_pickle import is_torchscript
-from utils.runtime import UserError
+from runtime.restricted_pickle import is_torchscript
+from runtime.errors import UserError
 
 JIT_EXTRAS = ("input_resolution", "context_length", "vocab_size")
 

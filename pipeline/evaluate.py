@@ -10,12 +10,14 @@ from omegaconf import OmegaConf
 
 from data.layouts import PHOTO, SKETCH, output_key
 from data.index import check_zero_shot
-from retrieval.metrics import per_class, retrieval_metrics, summarize
-from retrieval.report import write_report
-from utils.io import load_torch, save_json
-from utils.config import prepare
-from utils.run_folder import InferOutput, find_run
-from utils.runtime import UserError, log, pick_device, setup_logging
+from metrics.engine import per_class, retrieval_metrics, summarize
+from metrics.report import write_report
+from runtime.io import load_torch, save_json
+from config.entry import prepare
+from runs.folder import InferOutput, find_run
+from runtime.device import pick_device
+from runtime.errors import UserError
+from runtime.logs import log, setup_logging
 
 QUERY_KINDS = ("original", "converted")
 

@@ -10,12 +10,13 @@ from data.index import check_zero_shot, make_splits
 from model.backbone import build_model
 from model.checkpoint import load_checkpoint
 from model.embed import embed_rows
-from utils.distributed import all_gather_cat, cleanup_distributed, init_distributed
-from utils.io import save_csv, save_json, save_torch
-from utils.config import prepare
-from utils.run_folder import find_run
-from utils.runtime import UserError, log, setup_logging
-from utils.schema import dataset_defaults
+from runtime.distributed import all_gather_cat, cleanup_distributed, init_distributed
+from runtime.io import save_csv, save_json, save_torch
+from config.entry import prepare
+from runs.folder import find_run
+from runtime.errors import UserError
+from runtime.logs import log, setup_logging
+from config.schema import dataset_defaults
 
 INDEX_COLUMNS = COLUMNS + ["split"]
 

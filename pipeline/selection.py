@@ -5,8 +5,8 @@ import math
 from omegaconf import OmegaConf
 
 from data.index import make_splits, partial, validation_problem
-from retrieval.validation import split_loss, validation_map
-from utils.runtime import log
+from metrics.validation import split_loss, validation_map
+from runtime.logs import log
 
 
 def choose_rule(select, splits):

@@ -19,12 +19,14 @@ from model.loss import ModalityAwareLoss
 from model.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from model.optim import build_optimizer
 from pipeline.selection import Selection
-from utils.config import prepare
-from utils.distributed import GatherFeatures, cleanup_distributed, init_distributed
-from utils.io import save_text
-from utils.run_folder import RunFolder
-from utils.runtime import (StopRequested, UserError, amp_dtype, autocast, exit_on_sigterm, init_wandb, log,
-                           seed_everything, setup_logging, sigterm_handler)
+from config.entry import prepare
+from runtime.distributed import GatherFeatures, cleanup_distributed, init_distributed
+from runtime.io import save_text
+from runs.folder import RunFolder
+from runtime.device import amp_dtype, autocast, seed_everything
+from runtime.errors import UserError
+from runtime.logs import init_wandb, log, setup_logging
+from runtime.signals import StopRequested, exit_on_sigterm, sigterm_handler
 
 
 @dataclass

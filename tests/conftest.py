@@ -8,8 +8,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from data.demo import generate  # noqa: E402
-from retrieval import rank_kernel  # noqa: E402
-from utils.schema import compose_config  # noqa: E402
+from metrics import rank_kernel  # noqa: E402
+from config.schema import compose_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from model.backbone import build_model
 from pipeline.train import train
 from tests.conftest import compose_cfg
-from utils.io import save_torch
+from runtime.io import save_torch
 
 
 def random_run(run, seed=0):

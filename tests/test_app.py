@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from retrieval.search import Searcher, search
+from gallery.search import Searcher, search
 from tests.conftest import REPO
 from tests.search_fixtures import free_port, make_gallery, search_cfg, trained_run
 

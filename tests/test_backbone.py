@@ -8,7 +8,7 @@ from open_clip.transformer import QuickGELU
 from model.backbone import build_model, create_backbone, uses_quick_gelu
 from model.optim import param_groups
 from tests.conftest import tiny_model_cfg
-from utils.runtime import UserError
+from runtime.errors import UserError
 
 
 def test_tiny_config_is_registered():

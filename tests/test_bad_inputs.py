@@ -18,7 +18,7 @@ from pipeline.train import train
 from pipeline.evaluate import evaluate
 from tests.conftest import REPO, compose_cfg, folder_dataset
 from tests.test_layouts import make_tree
-from utils.runtime import UserError
+from runtime.errors import UserError
 
 
 def folder_cfg(root, **kw):
@@ -178,7 +178,7 @@ def test_truncated_checkpoint_names_the_intact_other(folder_run, tmp_path):
 ])
 def test_evaluate_refuses_an_edited_index(tmp_path, edit, message):
     from tests.test_evaluate import eval_cfg, fake_output
-    from utils.io import save_csv
+    from runtime.io import save_csv
     out, rows, _ = fake_output(tmp_path)
     rows = [dict(r) for r in rows]
     edit(rows)
@@ -208,7 +208,7 @@ def test_bad_chunk_size_never_overwrites_a_good_result(tmp_path):
 
 
 def test_infer_reads_a_run_while_its_trainer_holds_the_lock(folder_run):
-    from utils.run_folder import RunFolder
+    from runs.folder import RunFolder
     run, _ = folder_run
     holder = RunFolder(run).claim(resume=True)  # as a trainer resuming it would
     try:
@@ -245,7 +245,7 @@ def test_evaluate_on_a_folder_that_is_no_run(tmp_path):
 
 def test_table_and_check_refuse_bad_input_in_one_line(tmp_path, capsys):
     from data.check import main as check_main
-    from retrieval.table import main as table_main
+    from metrics.table import main as table_main
     bad = tmp_path / "eval_result.json"
     bad.write_text('{"mAP@all": [0.1')
     with pytest.raises(UserError, match="is not readable JSON"):

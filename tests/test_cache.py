@@ -17,10 +17,10 @@ from data.cached import CachedDataset, image_dataset
 from data.demo import generate
 from data.loader import PromptTable, SketchPhotoDataset, collate, model_input
 from pipeline.train import Trainer
-from utils.config import prepare
-from utils.distributed import DistInfo
-from utils.run_folder import RunFolder
-from utils.runtime import UserError
+from config.entry import prepare
+from runtime.distributed import DistInfo
+from runs.folder import RunFolder
+from runtime.errors import UserError
 
 EVAL_TF = open_clip.image_transform(64, is_train=False)
 

@@ -11,7 +11,7 @@ import data.cache as dc
 from data.cache import ImageCache, pixel_ops
 from data.demo import generate
 from tests.test_cache import EVAL_TF, cached_pixels, rels_of
-from utils import io
+from runtime import io
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from model.checkpoint import check_compatible
 from tests.conftest import REPO, compose_cfg, folder_dataset
-from utils.runtime import UserError
+from runtime.errors import UserError
 
 
 def run(*args, cwd=REPO):

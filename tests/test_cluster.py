@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-import utils.distributed as ud
+import runtime.distributed as ud
 from data.demo import generate
 from tests.conftest import REPO
-from utils.cluster import export_cluster_env, first_host
+from runtime.cluster import export_cluster_env, first_host
 
 SLURM = dict(SLURM_PROCID="11", SLURM_NTASKS="16", SLURM_LOCALID="3", SLURM_JOB_ID="4242",
              SLURM_JOB_NODELIST="gpu[007-008],cpu1")

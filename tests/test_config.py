@@ -6,8 +6,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.conftest import REPO, compose_cfg
-from utils.config import prepare
-from utils.runtime import UserError
+from config.entry import prepare
+from runtime.errors import UserError
 
 BASE = {"train": ["dataset=demo", "model=tiny"], "infer": ["path=outputs/x"], "eval": ["path=outputs/x"]}
 NAMES = {"train": "config-train", "infer": "config-infer", "eval": "config-eval"}
@@ -53,7 +53,7 @@ def test_bad_value_is_one_clear_error(kind, override, message):
     ("eval", "eval.report.enabled=perhaps", "is not a valid bool"),
 ])
 def test_a_wrong_type_fails_at_composition(kind, override, message):
-    """The schema (utils/schema.py) types every key: Hydra refuses the override before any work."""
+    """The schema (config/schema.py) types every key: Hydra refuses the override before any work."""
     with pytest.raises(UserError) as err:
         composed(kind, override)
     assert override.split("=")[0] in str(err.value) and message in str(err.value) and "\n" not in str(err.value)
@@ -62,7 +62,7 @@ def test_a_wrong_type_fails_at_composition(kind, override, message):
 def test_the_defaults_live_in_the_schema():
     """A group file sets only what differs: the model's loss ratios come from ModelConfig, the
     datasets' shared keys from DatasetConfig, the recipe from TrainSection."""
-    from utils.schema import DatasetConfig, ModelConfig, TrainSection
+    from config.schema import DatasetConfig, ModelConfig, TrainSection
     cfg = compose_cfg("config-train", ["dataset=tuberlin", "model=vit-b-32"])
     assert cfg.model.sem_loss_ratio == ModelConfig.sem_loss_ratio == 0.1
     assert cfg.dataset.max_image_pixels == DatasetConfig.max_image_pixels

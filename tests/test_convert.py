@@ -19,7 +19,7 @@ from model.convert import convert, main
 from pipeline.infer import infer
 from pipeline.evaluate import evaluate
 from tests.conftest import REPO, compose_cfg
-from utils.runtime import UserError, run_cli
+from runtime.errors import UserError, run_cli
 
 BACKBONE = "ma-tiny-hf"
 

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from data.layouts import resolve_name
 from data.demo import UNSEEN, generate
 from data.index import build_index, make_splits
-from utils.runtime import UserError
+from runtime.errors import UserError
 
 
 def digest(root):

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 from model.backbone import build_model, loss_ratios
 from model.loss import ModalityAwareLoss
 from tests.conftest import REPO, tiny_model_cfg
-from utils.runtime import UserError
+from runtime.errors import UserError
 
 MCFG = dict(backbone="ma-tiny-vit", orth_loss_ratio=0.01)  # overrides of model=tiny
 GLOBAL_BATCH = 8
@@ -40,7 +40,7 @@ def free_port():
 
 def ddp_worker(rank, world, port, out):
     from torch.nn.parallel import DistributedDataParallel
-    from utils.distributed import GatherFeatures, init_distributed
+    from runtime.distributed import GatherFeatures, init_distributed
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -116,7 +116,7 @@ def test_torchrun_sharded_inference_equals_one_process(tmp_path, demo_root):
 def test_backend_follows_the_device_setting(monkeypatch):
     """device=cpu runs gloo even where GPUs are visible; CUDA runs NCCL, one process per GPU, and
     more processes than GPUs is a clear error naming the fix."""
-    import utils.distributed as ud
+    import runtime.distributed as ud
 
     chosen = []
     monkeypatch.setattr(ud.dist, "is_initialized", lambda: False)

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from pipeline.evaluate import evaluate
-from retrieval.metrics import retrieval_metrics, summarize
+from metrics.engine import retrieval_metrics, summarize
 from tests.conftest import compose_cfg
-from utils.io import save_csv
-from utils.runtime import UserError
+from runtime.io import save_csv
+from runtime.errors import UserError
 
 
 def fake_output(run, n_cls=3, per=4, seen_photos=0, d=16, seed=0, key="2"):

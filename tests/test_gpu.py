@@ -5,9 +5,9 @@ import torch
 
 from model.backbone import build_model, loss_ratios
 from model.loss import ModalityAwareLoss
-from retrieval.metrics import retrieval_metrics
+from metrics.engine import retrieval_metrics
 from tests.conftest import tiny_model_cfg
-from utils.runtime import autocast
+from runtime.device import autocast
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -44,7 +44,7 @@ def test_nccl_collectives_and_ddp_step_on_gpu():
     from torch.nn.parallel import DistributedDataParallel
 
     from tests.test_distributed import free_port
-    from utils.distributed import DistInfo, GatherFeatures, all_gather_cat
+    from runtime.distributed import DistInfo, GatherFeatures, all_gather_cat
 
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                             device_id=torch.device("cuda", 0))

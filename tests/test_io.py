@@ -5,8 +5,9 @@ import pickle
 import pytest
 import torch
 
-from utils.io import UnsafeCheckpointError, load_torch, save_json, save_torch
-from utils.runtime import UserError, autocast, pick_device
+from runtime.io import UnsafeCheckpointError, load_torch, save_json, save_torch
+from runtime.device import autocast, pick_device
+from runtime.errors import UserError
 
 
 def test_failed_save_leaves_previous_file_intact(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from data.check import check_dataset, format_report
 from data.check import main as check_main
 from data.index import build_index, make_splits
 from data.loader import PromptTable, SketchPhotoDataset
-from utils.runtime import UserError
+from runtime.errors import UserError
 
 CLASSES = ["cow", "door", "fire hydrant", "tree"]
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from retrieval import metrics, rank_kernel
-from retrieval.metrics import per_class, retrieval_metrics, summarize
+from metrics import engine as metrics
+from metrics import rank_kernel
+from metrics.engine import per_class, retrieval_metrics, summarize
 
 
 def reference(q, g, ql, gl, cut=200, ks=(100, 200)):

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval import metrics, rank_kernel
-from retrieval.metrics import retrieval_metrics
+from metrics import engine as metrics
+from metrics import rank_kernel
+from metrics.engine import retrieval_metrics
 from tests.test_metrics import random_case, reference
 
 ALL = ("default", "hits_over_k", "noninterp")

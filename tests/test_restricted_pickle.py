@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from utils.restricted_pickle import Dropped, restricted_load
+from runtime.restricted_pickle import Dropped, restricted_load
 
 
 class Payload:

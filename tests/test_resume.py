@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pipeline.train import train
-from utils.run_folder import resume_config
-from utils.runtime import UserError
+from runs.folder import resume_config
+from runtime.errors import UserError
 
 
 def weights(run):

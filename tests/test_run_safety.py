@@ -11,9 +11,9 @@ from omegaconf import OmegaConf
 
 from pipeline.train import train
 from tests.conftest import REPO
-from utils.io import save_torch
-from utils.run_folder import MARKER, RunFolder, resume_config
-from utils.runtime import UserError
+from runtime.io import save_torch
+from runs.folder import MARKER, RunFolder, resume_config
+from runtime.errors import UserError
 
 TINY = ["model=tiny", "dataset=demo", "train.epochs=1", "train.batch_size=32", "train.num_workers=0",
         "device=cpu", "logger.wandb.mode=disabled"]
@@ -100,7 +100,7 @@ def test_second_trainer_in_one_folder_is_told_who_holds_it(tmp_path, demo_root):
 
 
 def test_the_lock_dies_with_its_process(tmp_path):
-    code = f"from utils.run_folder import RunFolder; RunFolder({str(tmp_path / 'r')!r}).claim(); print('held')"
+    code = f"from runs.folder import RunFolder; RunFolder({str(tmp_path / 'r')!r}).claim(); print('held')"
     p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert p.stdout.strip() == "held"
     RunFolder(tmp_path / "r").claim(resume=False).release()  # a dead holder blocks nobody
@@ -148,7 +148,7 @@ def test_disk_full_in_training_names_the_intact_checkpoint(tmp_path, tiny_train_
 
 
 def test_path_as_given_or_relative_to_outputs_as_the_authors(tmp_path, monkeypatch):
-    from utils.run_folder import find_run
+    from runs.folder import find_run
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs" / "2024-05-10" / "22-31-19").mkdir(parents=True)
     assert find_run("2024-05-10/22-31-19").path.resolve() == (tmp_path / "outputs/2024-05-10/22-31-19").resolve()

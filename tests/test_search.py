@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from retrieval.gallery import INDEX_FILE, index_folder, load_index, update_index
-from retrieval.search import Searcher, load_query_image, search
+from gallery.index import INDEX_FILE, index_folder, load_index, update_index
+from gallery.search import Searcher, load_query_image, search
 from tests.conftest import REPO
 from tests.search_fixtures import make_gallery, random_run, search_cfg
-from utils.runtime import UserError
+from runtime.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,7 @@ def test_bad_input_gets_one_clear_message(case, run, gallery, tmp_path):
 
 
 def test_read_only_run_folder_puts_the_index_in_the_cache(run, gallery, tmp_path, monkeypatch, caplog):
-    import retrieval.gallery as gallery_module
+    import gallery.index as gallery_module
     monkeypatch.setattr(gallery_module, "_writable", lambda folder: False)  # root ignores chmod
     monkeypatch.setattr(gallery_module.log, "propagate", True)
     monkeypatch.setattr(gallery_module.log, "disabled", False)

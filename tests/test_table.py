@@ -1,10 +1,10 @@
-"""python -m retrieval.table: every eval_result.json of the given runs in one table, with the
+"""python -m metrics.table: every eval_result.json of the given runs in one table, with the
 paper's numbers beside the splits the paper used."""
 import csv
 import json
 
 from pipeline.evaluate import evaluate
-from retrieval.table import main
+from metrics.table import main
 from tests.test_evaluate import eval_cfg, fake_output
 
 

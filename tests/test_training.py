@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from utils import runtime
+from runtime import logs
 from model.optim import lr_lambda
 from pipeline.train import train
 
@@ -42,7 +42,7 @@ def test_wandb_falls_back_instead_of_failing(tmp_path, tiny_train_cfg, monkeypat
         raise wandb.errors.CommError("network unreachable")
     monkeypatch.setattr(wandb, "init", no_network)
     cfg = tiny_train_cfg("logger.wandb.mode=online")
-    assert runtime.init_wandb(cfg, tmp_path, None) is None
+    assert logs.init_wandb(cfg, tmp_path, None) is None
     assert modes == ["online", "offline"]
 
 
@@ -50,7 +50,7 @@ def test_missing_wandb_logs_to_train_log_only(tmp_path, tiny_train_cfg, monkeypa
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` raise ImportError
     cfg = tiny_train_cfg("logger.wandb.mode=offline")
     with caplog.at_level(logging.WARNING):
-        assert runtime.init_wandb(cfg, tmp_path, None) is None
+        assert logs.init_wandb(cfg, tmp_path, None) is None
     assert "wandb is not installed" in caplog.text
 
 
@@ -87,7 +87,7 @@ def test_split_loss_is_the_mean_of_the_batch_losses_in_eval_mode(tiny_train_cfg,
     from data.loader import open_image
     from model.backbone import build_model, loss_ratios
     from model.loss import ModalityAwareLoss
-    from retrieval.validation import split_loss
+    from metrics.validation import split_loss
     cfg = tiny_train_cfg("train.batch_size=24")
     model, _, eval_tf, tok = build_model(cfg.model)
     rows = make_splits(cfg.dataset).test[:50]

@@ -1,6 +1,6 @@
 """The process layout of a SLURM job (srun, or Hydra's submitit launcher) or of submitit's local
 executor, written as the torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT) that utils.distributed reads. Under torchrun, which sets them itself, nothing changes."""
+MASTER_PORT) that runtime.distributed reads. Under torchrun, which sets them itself, nothing changes."""
 import os
 import re
 

@@ -23,23 +23,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from retrieval import rank_kernel
-from retrieval.inputs import embeddings, finite, label_codes
+from metrics import rank_kernel
+from metrics.inputs import embeddings, finite, label_codes
+from metrics.ordering import order_keys
 
 PROTOCOLS = ("default", "hits_over_k", "noninterp")
 
 
 def _reverse_cummax(x):
     return torch.flip(torch.cummax(torch.flip(x, dims=[1]), dim=1).values, dims=[1])
-
-
-def order_keys(values, index, n):
-    """int64 keys, unique within a row, in ranking order: similarity, then gallery index reversed
-    (ties go to the lower index). Upper 32 bits: the float's bits mapped to an order-preserving
-    int; lower 32 bits: n - 1 - index."""
-    bits = (values.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
-    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return bits.to(torch.int64) * (1 << 32) + (n - 1 - index)
 
 
 def _bucket_map(rel_sims, nb):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
 
-from utils.io import atomic_path, save_text
+from runtime.io import atomic_path, save_text
 
 GREEN, RED = (40, 160, 60), (200, 40, 40)
 
@@ -22,7 +22,7 @@ def _thumb(src, dst, size):
 
 def write_report(output, result, rows, image_root, n_queries=20, grid_queries=8, seed=0, size=96,
                  grid_kind="original"):
-    """Write report.html, report_grid.png and report_images/ of an InferOutput (utils/run_folder.py);
+    """Write report.html, report_grid.png and report_images/ of an InferOutput (runs/folder.py);
     return the HTML path."""
     image_root = Path(image_root)
     label_of = {r["img_path"]: r["label"] for r in rows}

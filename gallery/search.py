@@ -13,11 +13,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.backbone import build_model
 from model.checkpoint import load_checkpoint
-from retrieval.ann import gallery_ann, top_k
-from retrieval.gallery import index_folder, update_index
-from utils.io import save_text
-from utils.run_folder import RunFolder
-from utils.runtime import UserError, autocast, pick_device, setup_logging
+from gallery.ann import gallery_ann, top_k
+from gallery.index import index_folder, update_index
+from runtime.io import save_text
+from runs.folder import RunFolder
+from runtime.device import autocast, pick_device
+from runtime.errors import UserError
+from runtime.logs import setup_logging
 
 MODES = {"photo": 0, "sketch": 1, "text": 3}
 QUERY_MODES = ("original", "converted")

@@ -7,8 +7,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn
 
-from utils.cluster import export_cluster_env
-from utils.runtime import UserError, pick_device
+from runtime.cluster import export_cluster_env
+from runtime.device import pick_device
+from runtime.errors import UserError
 
 
 @dataclass
@@ -35,7 +36,7 @@ def init_distributed(device="auto"):
     """Join the process group torchrun describes in the environment; a no-op without it.
     `device` is the run's device setting: NCCL with one GPU per process when it means CUDA
     (auto with a GPU present, cuda, cuda:<i>), gloo for CPU processes. SLURM and submitit
-    jobs are read as torchrun's (utils/cluster.py)."""
+    jobs are read as torchrun's (runtime/cluster.py)."""
     export_cluster_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:

@@ -1,12 +1,12 @@
 """Config entry checks of train, infer and evaluate: the authors' key names mapped to ours, and
-every value checked by its schema field's check (utils/schema.py) before any work, all bad values
+every value checked by its schema field's check (config/schema.py) before any work, all bad values
 in one clear error."""
 from dataclasses import fields, is_dataclass
 
 from omegaconf import OmegaConf, open_dict
 
-from utils.runtime import UserError
-from utils.schema import SCHEMAS
+from runtime.errors import UserError
+from config.schema import SCHEMAS
 
 PROTOCOLS = ("default", "hits_over_k", "noninterp")
 
@@ -147,7 +147,7 @@ def _unknown_keys(cfg, schema, kind, prefix=""):
     for key in cfg:
         if key not in known:
             if not (kind == "train" and not prefix and key == "run"):  # train.py's record of the classes
-                problems.append(f"{prefix}{key} is not a setting (nothing reads it; see utils/schema.py)")
+                problems.append(f"{prefix}{key} is not a setting (nothing reads it; see config/schema.py)")
         elif is_dataclass(known[key]) and OmegaConf.is_dict(cfg[key]):
             problems += _unknown_keys(cfg[key], known[key], kind, f"{prefix}{key}.")
     return problems

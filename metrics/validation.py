@@ -5,8 +5,8 @@ import torch
 from data.loader import PromptTable, SketchPhotoDataset, make_loader
 from model.embed import embed_rows
 from model.loss import ModalityAwareLoss
-from retrieval.metrics import retrieval_metrics, summarize
-from utils.distributed import all_gather_cat
+from metrics.engine import retrieval_metrics, summarize
+from runtime.distributed import all_gather_cat
 
 
 def validation_map(model, rows, transform, tokenizer, cfg, device, info):

@@ -3,7 +3,7 @@ the clean-up of a sweep folder whose first job failed to start."""
 import sys
 from pathlib import Path
 
-from utils.run_folder import RunFolder, remove_empty_run_folder
+from runs.folder import RunFolder, remove_empty_run_folder
 
 FRESH_SWEEPS = set()  # sweep folders FolderGuard saw absent before Hydra made them (in this process)
 

@@ -1,10 +1,10 @@
-"""The CPU ranking kernel: retrieval.metrics.hit_ranks' method written as loops, compiled with numba.
+"""The CPU ranking kernel: metrics.engine.hit_ranks' method written as loops, compiled with numba.
 
 The torch version runs a dozen whole-matrix operations per group of rows, each a pass over rows x
 gallery in memory; here a row takes two passes: each photo's bucket, then per photo a table lookup
 and a count (a binary search for the few sharing a bucket with a relevant photo). The result is
 the same, rank for rank (tests/test_metrics.py checks both against a plain sort). Without numba,
-or with MA_SBIR_NO_NUMBA=1 in the environment, retrieval.metrics uses the torch version.
+or with MA_SBIR_NO_NUMBA=1 in the environment, metrics.engine uses the torch version.
 """
 import functools
 import os
@@ -12,7 +12,8 @@ import os
 import numpy as np
 import torch
 
-from utils.runtime import log
+from metrics.ordering import order_keys
+from runtime.logs import log
 
 BUCKETS_PER_PHOTO = 2  # more buckets: fewer photos share one with a relevant photo
 MAX_GALLERY = 2 ** 31 // BUCKETS_PER_PHOTO - 1   # bucket numbers, up to nb = 2G, are int32
@@ -103,10 +104,8 @@ def _rank_rows(sims, asc_idx, out):
 
 
 def hit_ranks(sims, relevant):
-    """retrieval.metrics.hit_ranks for a CPU float32 tensor, through the compiled kernel. The
+    """metrics.engine.hit_ranks for a CPU float32 tensor, through the compiled kernel. The
     relevant photos are put in ranking order first, by numpy's vectorised sort of int64 keys."""
-    from retrieval.metrics import order_keys
-
     g = sims.shape[1]
     if g > MAX_GALLERY:
         raise ValueError(f"a gallery of {g:,} photos: the CPU ranking kernel takes at most {MAX_GALLERY:,} "

@@ -21,9 +21,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from utils.io import atomic_path
-from utils.run_folder import RunFolder
-from utils.runtime import UserError, autocast, log
+from runtime.io import atomic_path
+from runs.folder import RunFolder
+from runtime.device import autocast
+from runtime.errors import UserError
+from runtime.logs import log
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 INDEX_FILE = "index.npz"

@@ -1,5 +1,5 @@
 """Value checks of config fields: each returns None for a good value, else what the value must be
-(utils/schema.py attaches one to every field; utils/config.py reports them as one error)."""
+(config/schema.py attaches one to every field; config/entry.py reports them as one error)."""
 import math
 
 from omegaconf import OmegaConf

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from utils.runtime import UserError
+from runtime.errors import UserError
 
 
 HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())   # in temporary names: no "." or "-"

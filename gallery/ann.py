@@ -7,8 +7,9 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from utils.io import atomic_path
-from utils.runtime import UserError, log
+from runtime.io import atomic_path
+from runtime.errors import UserError
+from runtime.logs import log
 
 KINDS = ("flat", "hnsw")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from utils.runtime import UserError
+from runtime.errors import UserError
 
 MARKER = ".ma-sbir-run"
 STARTED = time.time()  # this process's start (the module is imported before Hydra makes folders)
@@ -89,7 +89,7 @@ class RunFolder:
         pattern = "infer_output/*/*/eval_result.json"
         return sorted(set(Path(folder).glob(pattern)) | set(Path(folder).glob(f"**/{pattern}")))
 
-    index_dir = property(lambda self: self.path / "index")  # search galleries (retrieval/gallery.py)
+    index_dir = property(lambda self: self.path / "index")  # search galleries (gallery/index.py)
 
     def is_run(self):
         """A folder of this project: the marker, or (runs of earlier versions) config.yaml + model/."""
@@ -158,7 +158,7 @@ class RunFolder:
         from hydra.core.hydra_config import HydraConfig
         from omegaconf import OmegaConf
 
-        from utils.io import save_text
+        from runtime.io import save_text
         folder = self.path / ".hydra"
         if not HydraConfig.initialized() or folder.exists():
             return
@@ -227,12 +227,12 @@ GROUPS = ("dataset", "model", "experiment", "hydra/launcher")
 
 
 def current_defaults():
-    """This version's defaults (utils/schema.py), untyped and without the authors' aliases, under the
+    """This version's defaults (config/schema.py), untyped and without the authors' aliases, under the
     config of a run started by an older version that lacks some keys. model.max_length and
     model.quick_gelu stay null there: the behaviour of runs from before those keys (77 tokens, the
     activation the weights name)."""
-    from utils.config import rules
-    from utils.schema import TrainConfig
+    from config.entry import rules
+    from config.schema import TrainConfig
     typed = OmegaConf.structured(TrainConfig)
     base = OmegaConf.create()
     for key in rules(TrainConfig):
@@ -257,7 +257,7 @@ def resume_config(run_dir, overrides=()):
     cfg = OmegaConf.merge(current_defaults(), saved)  # keys newer than the run
     groups = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
     if groups:
-        from utils.runtime import log
+        from runtime.logs import log
         log.warning(f"resume keeps the run's own settings: {groups} ignored (config groups cannot change "
                     f"on resume; single keys such as train.epochs=... can).")
     extra = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith("resume") and o not in groups]

@@ -1,5 +1,5 @@
 """Collect eval_result.json files into one markdown and CSV table, with the paper's numbers beside
-them: python -m retrieval.table <run folders, result files or globs> [--csv table.csv]"""
+them: python -m metrics.table <run folders, result files or globs> [--csv table.csv]"""
 import argparse
 import csv
 import glob
@@ -10,8 +10,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from utils.run_folder import InferOutput, RunFolder
-from utils.runtime import UserError, run_cli
+from runs.folder import InferOutput, RunFolder
+from runtime.errors import UserError, run_cli
 
 METRICS = ("mAP@all", "mAP@200", "p@100", "p@200")
 # The paper's zero-shot numbers (Lyou et al., WACV 2024, ViT-B/32), in percent, on its splits.
@@ -95,7 +95,7 @@ def main(argv=None):
     rows = [r for f in files for r in rows_of(f)]
     print("metrics in %; paper = the paper's zero-shot numbers on the same split\n")
     print(markdown(rows))
-    from utils.io import save_text
+    from runtime.io import save_text
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()

@@ -1,6 +1,6 @@
 """Typed config: the dataclasses behind setting/config-{train,infer,eval}.yaml and the model and
 dataset groups, registered in Hydra's ConfigStore. Each field holds its one default, its type
-(Hydra refuses a wrong type at composition) and its range check (utils/config.py, before any work).
+(Hydra refuses a wrong type at composition) and its range check (config/entry.py, before any work).
 The defaults are the authors' recipe (eunyi-lyou/MA-ZS-SBIR); the group files set only what differs."""
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,8 +9,9 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from utils.checks import (anything, boolean, cache_setting, dataset_id, dataset_list, integer, number, one_of,
-                          roots, text)
+from config.checks import (
+    anything, boolean, cache_setting, dataset_id, dataset_list, integer, number, one_of, roots,
+    text)
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 SETTING = Path(__file__).resolve().parent.parent / "setting"
@@ -25,7 +26,7 @@ def setting(default, check, factory=False):
 
 
 def alias():
-    """One of the authors' key names: null unless given, then moved onto our key (utils/config.py)."""
+    """One of the authors' key names: null unless given, then moved onto our key (config/entry.py)."""
     return field(default=None, metadata={"check": anything, "alias": True})
 
 
@@ -224,7 +225,7 @@ def compose_config(name, overrides=()):
     tests); Hydra's refusal of an override (a wrong type, an unknown key) is one user error."""
     from hydra import compose, initialize_config_dir
 
-    from utils.runtime import UserError
+    from runtime.errors import UserError
     register()
     try:
         with initialize_config_dir(config_dir=str(SETTING), version_base="1.3"):

@@ -3,9 +3,10 @@ top-k photos of a gallery with their scores. Served by gradio on 127.0.0.1 only.
 import os
 from pathlib import Path
 
-from retrieval.search import IMAGE_MODALITIES, QUERY_MODES, Searcher
-from utils.io import atomic_path
-from utils.runtime import UserError, setup_logging
+from gallery.search import IMAGE_MODALITIES, QUERY_MODES, Searcher
+from runtime.io import atomic_path
+from runtime.errors import UserError
+from runtime.logs import setup_logging
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves this machine
 import gradio as gr  # noqa: E402
