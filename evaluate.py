@@ -1,4 +1,5 @@
 """Retrieval metrics of a run's embeddings: python evaluate.py path=<run> [mode=best|last]"""
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 

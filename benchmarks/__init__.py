@@ -1,1 +1,2 @@
-"""Benchmarks behind BENCHMARKS.md: each module prints the figures with the command that made them."""
+"""Benchmarks behind BENCHMARKS.md: each module prints its figures with the command that made
+them."""

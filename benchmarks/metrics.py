@@ -7,7 +7,8 @@ python -m benchmarks.metrics quickdraw # (b) QuickDraw-Ext scale, 92,291 x 54,15
 One chunk is ranked first, not timed (CUDA start-up; on a CPU, loading numba and the compiled
 ranking kernel). Beside the engine, the command times the engine's own float32 similarity
 products alone (the same chunks of queries in label order, on the same device) and prints
-engine / products: how close ranking gets to the matrix product it cannot avoid. With --repeat N (default 3 for seed, 1 for
+engine / products: how close ranking gets to the matrix product it cannot avoid. With --repeat N
+(default 3 for seed, 1 for
 quickdraw) both run N times, alternately, and the median ratio is printed too.
 
 Embeddings are random unit vectors with random labels of `--classes` classes (or, with
@@ -15,6 +16,7 @@ Embeddings are random unit vectors with random labels of `--classes` classes (or
 reference builds the full similarity matrix, argsorts it, and walks each query in Python with the
 VOC-style precision envelope, as the seed's evaluation did.
 """
+
 import argparse
 import os
 import resource
@@ -51,8 +53,11 @@ def seed_style(q, g, ql, gl, cut=200, ks=(100, 200)):
         for k in ks:
             m = int(min(k, n_pos))
             prec[k].append(rel[:m].sum() / m)
-    return {"default/AP@all": np.mean(ap_all), f"default/AP@{cut}": np.mean(ap_cut),
-            **{f"default/P@{k}": np.mean(v) for k, v in prec.items()}}
+    return {
+        "default/AP@all": np.mean(ap_all),
+        f"default/AP@{cut}": np.mean(ap_cut),
+        **{f"default/P@{k}": np.mean(v) for k, v in prec.items()},
+    }
 
 
 def random_embeddings(n, d, n_cls, seed, clustered=0.0):
@@ -74,58 +79,89 @@ def product_seconds(q, ql, g, chunk_size, device):
     by_label = torch.argsort(torch.as_tensor(ql), stable=True)
     t0 = time.perf_counter()
     for s in range(0, len(q), chunk_size):
-        queries[by_label[s:s + chunk_size]].to(device) @ gallery.T
+        queries[by_label[s : s + chunk_size]].to(device) @ gallery.T
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
 def peak_rss_gb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("what", choices=["seed", "quickdraw"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--chunk-size", type=int, default=512)
     ap.add_argument("--classes", type=int, default=30)
-    ap.add_argument("--repeat", type=int, default=None,
-                    help="runs of engine and products, alternately (default 3 for seed, 1 for quickdraw)")
-    ap.add_argument("--clustered", type=float, default=0.0,
-                    help="noise around class centres (0: plain random vectors); 3 gives mAP@all ~0.55, 4 ~0.2")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="runs of engine and products, alternately (default 3 for seed, 1 for quickdraw)",
+    )
+    ap.add_argument(
+        "--clustered",
+        type=float,
+        default=0.0,
+        help="noise around class centres (0: plain random vectors); 3 gives mAP@all ~0.55, 4 ~0.2",
+    )
     args = ap.parse_args()
     nq, ng = (2000, 10000) if args.what == "seed" else (92291, 54151)
     q, ql = random_embeddings(nq, 512, args.classes, 0, args.clustered)
     g, gl = random_embeddings(ng, 512, args.classes, 1, args.clustered)
-    print(f"{nq} queries x {ng} photos, dim 512, device {args.device}, "
-          f"{torch.get_num_threads()} threads on {os.cpu_count()} CPUs, chunk {args.chunk_size}"
-          + (f", clustered {args.clustered}" if args.clustered else ""))
+    print(
+        f"{nq} queries x {ng} photos, dim 512, device {args.device}, "
+        f"{torch.get_num_threads()} threads on {os.cpu_count()} CPUs, chunk {args.chunk_size}"
+        + (f", clustered {args.clustered}" if args.clustered else "")
+    )
     # not timed: CUDA's start-up and first kernels, or on a CPU importing numba and loading the
     # compiled ranking kernel (once per process; compiling it, on the very first run, ~1 s)
     t0 = time.perf_counter()
-    retrieval_metrics(q[:args.chunk_size], g, ql[:args.chunk_size], gl, chunk_size=args.chunk_size,
-                      device=args.device, progress=False)
+    retrieval_metrics(
+        q[: args.chunk_size],
+        g,
+        ql[: args.chunk_size],
+        gl,
+        chunk_size=args.chunk_size,
+        device=args.device,
+        progress=False,
+    )
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
-    print(f"warm-up on one chunk (not counted): {time.perf_counter() - t0:.2f} s"
-          + (f", {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else ""))
+    print(
+        f"warm-up on one chunk (not counted): {time.perf_counter() - t0:.2f} s"
+        + (f", {torch.cuda.get_device_name(args.device)}" if args.device.startswith("cuda") else "")
+    )
     ratios = []
     for _ in range(args.repeat or (3 if args.what == "seed" else 1)):
         t0 = time.perf_counter()
-        per_query, _ = retrieval_metrics(q, g, ql, gl, chunk_size=args.chunk_size, device=args.device)
+        per_query, _ = retrieval_metrics(
+            q, g, ql, gl, chunk_size=args.chunk_size, device=args.device
+        )
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         engine_s = time.perf_counter() - t0
         product_s = product_seconds(q, ql, g, args.chunk_size, args.device)
         ratios.append(engine_s / product_s)
-        print(f"engine: {engine_s:.2f} s, similarity products alone: {product_s:.2f} s, "
-              f"engine / products = {ratios[-1]:.2f}")
+        print(
+            f"engine: {engine_s:.2f} s, similarity products alone: {product_s:.2f} s, "
+            f"engine / products = {ratios[-1]:.2f}"
+        )
     if len(ratios) > 1:
         print(f"median engine / products over {len(ratios)} runs: {float(np.median(ratios)):.2f}")
     ours = summarize(per_query)
-    print(f"peak RSS {peak_rss_gb():.2f} GB"
-          + (f", peak GPU {torch.cuda.max_memory_allocated() / 1024 ** 3:.2f} GB" if args.device.startswith("cuda") else ""))
+    print(
+        f"peak RSS {peak_rss_gb():.2f} GB"
+        + (
+            f", peak GPU {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB"
+            if args.device.startswith("cuda")
+            else ""
+        )
+    )
     print("  " + "  ".join(f"{k.split('/')[1]}={v:.6f}" for k, v in ours.items()))
     if args.what == "seed":
         t0 = time.perf_counter()

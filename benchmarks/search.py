@@ -3,8 +3,10 @@ the same images) and single-query latency over random normalised vectors for fai
 (with recall@10 against exact) and torch matmul + topk, with memory.
 
 python -m benchmarks.search indexing [--backbone ma-tiny --images 1000]
-python -m benchmarks.search latency [--sizes 10000 100000 1000000 --hnsw-max 100000 --ef-search 128 512]
+python -m benchmarks.search latency [--sizes 10000 100000 1000000 --hnsw-max 100000 --ef-search 128
+512]
 """
+
 import argparse
 import os
 import resource
@@ -28,11 +30,13 @@ def indexing(args):
     photos = generate(DEFAULT_ROOT) / "photo"
     with tempfile.TemporaryDirectory() as tmp:
         gallery = Path(tmp) / "gallery"
-        files = sorted(photos.rglob("*.jpg"))[:args.images]
+        files = sorted(photos.rglob("*.jpg"))[: args.images]
         for f in files:
             (gallery / f.parent.name).mkdir(parents=True, exist_ok=True)
             os.link(f, gallery / f.parent.name / f.name)
-        mcfg = compose_config("config-train", ["model=tiny", f"model.backbone={args.backbone}"]).model
+        mcfg = compose_config(
+            "config-train", ["model=tiny", f"model.backbone={args.backbone}"]
+        ).model
         model, _, transform, _ = build_model(mcfg)
         model.eval()
         ckpt = Path(tmp) / "best.pth"
@@ -43,8 +47,18 @@ def indexing(args):
         x = torch.randn(args.batch_size, 3, side, side)
         for r in range(args.repeat):  # alternate the two, keep the best of each (a shared machine)
             start = time.perf_counter()
-            g = update_index(model, transform, torch.device("cpu"), Path(tmp) / f"index{r}", gallery, ckpt,
-                             args.batch_size, args.workers, "fp32", progress=False)
+            g = update_index(
+                model,
+                transform,
+                torch.device("cpu"),
+                Path(tmp) / f"index{r}",
+                gallery,
+                ckpt,
+                args.batch_size,
+                args.workers,
+                "fp32",
+                progress=False,
+            )
             index_s.append(time.perf_counter() - start)
             with torch.no_grad():
                 model.encode_image(x)  # warm-up
@@ -54,11 +68,18 @@ def indexing(args):
             forward_s.append(time.perf_counter() - start)
         index_s, forward_s = min(index_s), min(forward_s)
     n, n_forward = len(g.paths), -(-len(files) // args.batch_size) * args.batch_size
-    print(f"indexing {args.backbone} (random init), {n} demo photos, batch {args.batch_size}, "
-          f"{args.workers} loader workers, {torch.get_num_threads()} threads, best of {args.repeat}:")
-    print(f"  update_index (decode + preprocess + embed + save): {index_s:.2f} s = {n / index_s:.1f} images/s")
-    print(f"  bare encode_image on ready tensors (baseline):     {forward_s:.2f} s = "
-          f"{n_forward / forward_s:.1f} images/s")
+    print(
+        f"indexing {args.backbone} (random init), {n} demo photos, batch {args.batch_size}, "
+        f"{args.workers} loader workers, {torch.get_num_threads()} threads, best of {args.repeat}:"
+    )
+    print(
+        f"  update_index (decode + preprocess + embed + save): {index_s:.2f} s = {n / index_s:.1f} "
+        f"images/s"
+    )
+    print(
+        f"  bare encode_image on ready tensors (baseline):     {forward_s:.2f} s = "
+        f"{n_forward / forward_s:.1f} images/s"
+    )
     print(f"  ratio indexing / bare forward: {(n / index_s) / (n_forward / forward_s):.2f}")
 
 
@@ -74,9 +95,14 @@ def _percentiles(fn, queries):
 def latency(args):
     rng = np.random.default_rng(0)
     d, k = args.dim, 10
-    print(f"single-query latency, k={k}, d={d}, {args.queries} random queries, {torch.get_num_threads()} threads "
-          f"(graph build: {args.build_threads or args.threads}); load average {os.getloadavg()}")
-    print("| vectors | method | build s | p50 ms | p95 ms | recall@10 | memory MiB | p50 vs torch |")
+    print(
+        f"single-query latency, k={k}, d={d}, {args.queries} random queries, "
+        f"{torch.get_num_threads()} threads "
+        f"(graph build: {args.build_threads or args.threads}); load average {os.getloadavg()}"
+    )
+    print(
+        "| vectors | method | build s | p50 ms | p95 ms | recall@10 | memory MiB | p50 vs torch |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     for n in args.sizes:
         db = rng.standard_normal((n, d), dtype=np.float32)
@@ -84,7 +110,9 @@ def latency(args):
         queries = rng.standard_normal((args.queries, d), dtype=np.float32)
         queries /= np.linalg.norm(queries, axis=1, keepdims=True)
         t_db = torch.from_numpy(db)
-        torch_p50, torch_p95 = _percentiles(lambda q: torch.topk(t_db @ torch.from_numpy(q), k), queries)
+        torch_p50, torch_p95 = _percentiles(
+            lambda q: torch.topk(t_db @ torch.from_numpy(q), k), queries
+        )
         exact = [set(torch.topk(t_db @ torch.from_numpy(q), k).indices.tolist()) for q in queries]
         rows = [("torch matmul+topk", 0.0, torch_p50, torch_p95, 1.0, db.nbytes)]
         kinds = ["flat"] + (["hnsw"] if n <= args.hnsw_max else [])
@@ -101,15 +129,24 @@ def latency(args):
                 p50, p95 = _percentiles(lambda q, index=index: index.search(q[None], k), queries)
                 found = [set(index.search(q[None], k)[1][0].tolist()) for q in queries]
                 recall = np.mean([len(f & e) / k for f, e in zip(found, exact)])
-                name = "faiss IndexFlatIP" if kind == "flat" else \
-                    f"faiss HNSW M={args.hnsw_m} efC={args.ef_construction} efS={ef}"
+                name = (
+                    "faiss IndexFlatIP"
+                    if kind == "flat"
+                    else f"faiss HNSW M={args.hnsw_m} efC={args.ef_construction} efS={ef}"
+                )
                 rows.append((name, build_s, p50, p95, recall, memory))
             del index
         for name, build_s, p50, p95, recall, memory in rows:
-            print(f"| {n:,} | {name} | {build_s:.1f} | {p50:.3f} | {p95:.3f} | {recall:.3f} | "
-                  f"{memory / 2**20:.0f} | {torch_p50 / p50:.2f}x |", flush=True)
+            print(
+                f"| {n:,} | {name} | {build_s:.1f} | {p50:.3f} | {p95:.3f} | {recall:.3f} | "
+                f"{memory / 2**20:.0f} | {torch_p50 / p50:.2f}x |",
+                flush=True,
+            )
         if n > args.hnsw_max:
-            print(f"| {n:,} | faiss HNSW | not measured (over --hnsw-max {args.hnsw_max:,}) | | | | | |")
+            print(
+                f"| {n:,} | faiss HNSW | not measured (over --hnsw-max {args.hnsw_max:,}) | | | | "
+                f"| |"
+            )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
     print(f"peak resident memory {peak:,.0f} MiB; load average {os.getloadavg()}")
 
@@ -129,8 +166,15 @@ def main():
     ap.add_argument("--hnsw-max", type=int, default=1_000_000)
     ap.add_argument("--hnsw-m", type=int, default=32)
     ap.add_argument("--ef-construction", type=int, default=200)
-    ap.add_argument("--ef-search", type=int, nargs="+", default=[128], help="one row per value, one graph")
-    ap.add_argument("--build-threads", type=int, default=None, help="threads for the HNSW build (default --threads)")
+    ap.add_argument(
+        "--ef-search", type=int, nargs="+", default=[128], help="one row per value, one graph"
+    )
+    ap.add_argument(
+        "--build-threads",
+        type=int,
+        default=None,
+        help="threads for the HNSW build (default --threads)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     faiss.omp_set_num_threads(args.threads)

@@ -14,6 +14,7 @@ Protocols:
   min(200, N+)).
 Queries without any relevant photo get NaN and are left out of the means.
 """
+
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -41,27 +42,28 @@ def _bucket_map(rel_sims, nb):
     nothing overflows into NaN (all relevant photos equally similar: one narrow bucket)."""
     lo = rel_sims.amin(1, keepdim=True).double()
     hi = rel_sims.amax(1, keepdim=True).double()
-    cap = 2.0 ** 100 / torch.maximum(lo.abs(), hi.abs()).clamp_(min=1.0)
+    cap = 2.0**100 / torch.maximum(lo.abs(), hi.abs()).clamp_(min=1.0)
     scale = torch.minimum((nb - 3) / (hi - lo), cap)
     return scale.float(), (1.5 - lo * scale).float()
 
 
-INDEX_LIMIT = 2 ** 31 - 1  # flat int32 indices over rows x buckets (and rows x relevant photos)
+INDEX_LIMIT = 2**31 - 1  # flat int32 indices over rows x buckets (and rows x relevant photos)
 
 
 def hit_ranks(sims, relevant):
     """1-based ranks of the relevant gallery items in each row of `sims` [n, G] (rows that share
     the relevant set), ascending: [n, P].
 
-    Never sorts the gallery. A monotone map cuts each row into max(G, 4) buckets spanning its relevant
+    Never sorts the gallery. A monotone map cuts each row into max(G, 4) buckets spanning its
+    relevant
     photos; a table over the buckets gives every photo the number of relevant photos below it,
     except photos sharing a bucket with a relevant photo (a few per relevant photo), which are
     placed exactly by binary search among the row's sorted relevant keys. A histogram of those
     counts gives, for each relevant photo, the photos ranked above it."""
     n, g = sims.shape
-    rows = max(1, INDEX_LIMIT // (2 * max(g, 4) + 2))   # its flat int32 indices stay below the limit
+    rows = max(1, INDEX_LIMIT // (2 * max(g, 4) + 2))  # its flat int32 indices stay below the limit
     if n > rows:
-        return torch.cat([hit_ranks(sims[s:s + rows], relevant) for s in range(0, n, rows)])
+        return torch.cat([hit_ranks(sims[s : s + rows], relevant) for s in range(0, n, rows)])
     p = relevant.numel()
     dev = sims.device
     rel_sims = sims.index_select(1, relevant)
@@ -69,15 +71,18 @@ def hit_ranks(sims, relevant):
     nb = max(g, 4)  # buckets per row (at least 4: relevant photos go to 1 .. nb - 2)
     scale, offset = _bucket_map(rel_sims, nb)
     bucket = torch.mul(sims, scale).add_(offset).clamp_(0, nb - 1).to(torch.int32)
-    bucket = bucket.add_(torch.arange(0, n * (nb + 1), nb + 1, dtype=torch.int32, device=dev)[:, None]).view(-1)
+    bucket = bucket.add_(
+        torch.arange(0, n * (nb + 1), nb + 1, dtype=torch.int32, device=dev)[:, None]
+    ).view(-1)
     rel_bucket = bucket.view(n, g).index_select(1, relevant).gather(1, perm).long()  # ascending
     t = torch.arange(p, device=dev).expand(n, p)
     first = torch.ones((n, p), dtype=torch.bool, device=dev)  # first relevant photo of its bucket
     torch.ne(rel_bucket[:, 1:], rel_bucket[:, :-1], out=first[:, 1:])
     width = int((t - torch.where(first, t, 0).cummax(1).values).max()) + 1  # most in one bucket
     stride = p + width  # a row of sorted relevant keys and `width` sentinels
-    rel_flat = (torch.arange(0, n * stride, stride, device=dev)[:, None] + t)
-    # table[bucket]: flat index of the first relevant photo in or above it; bitwise-not: it holds one
+    rel_flat = torch.arange(0, n * stride, stride, device=dev)[:, None] + t
+    # table[bucket]: flat index of the first relevant photo in or above it; bitwise-not: it holds
+    # one
     table = torch.zeros((n, nb + 1), dtype=torch.int32, device=dev)
     ones = torch.ones(1, dtype=torch.int32, device=dev).expand(n * p)
     table.view(-1).index_add_(0, rel_bucket.view(-1) + 1, ones)
@@ -98,7 +103,7 @@ def hit_ranks(sims, relevant):
         less = padded.index_select(0, mid) < key
         lo, hi = torch.where(less, mid + 1, lo), torch.where(less, hi, mid)
     below.index_copy_(0, pos, lo.int())
-    counts = torch.bincount(below, minlength=n * stride).view(n, stride)[:, :p + 1]
+    counts = torch.bincount(below, minlength=n * stride).view(n, stride)[:, : p + 1]
     above = torch.flip(torch.cumsum(torch.flip(counts, dims=[1]), dim=1), dims=[1])[:, 1:]
     return torch.flip(above, dims=[1]) + 1
 
@@ -115,10 +120,15 @@ def top_indices(sims, k):
     m = g // BLOCK
     if k == 0 or m <= k:
         return _top_exact(sims, k)
-    best, which = torch.topk(sims[:, :BLOCK * m].reshape(n, BLOCK, m).amax(1), k + 1, dim=1)
+    best, which = torch.topk(sims[:, : BLOCK * m].reshape(n, BLOCK, m).amax(1), k + 1, dim=1)
     steps = torch.arange(0, BLOCK * m, m, device=sims.device)
-    cols = torch.cat([(which[:, :k, None] + steps).view(n, k * BLOCK),
-                      torch.arange(BLOCK * m, g, device=sims.device).expand(n, g - BLOCK * m)], 1)
+    cols = torch.cat(
+        [
+            (which[:, :k, None] + steps).view(n, k * BLOCK),
+            torch.arange(BLOCK * m, g, device=sims.device).expand(n, g - BLOCK * m),
+        ],
+        1,
+    )
     order = torch.topk(order_keys(sims.gather(1, cols), cols, g), k, dim=1).indices
     top = cols.gather(1, order)
     unsure = (best[:, k - 1] == best[:, k]).nonzero()[:, 0]
@@ -175,25 +185,45 @@ def metric_names(ap_cut, ks, protocols):
     return names
 
 
-def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, device="cpu",
-                      protocols=("default",), ap_cut=200, ks=(100, 200), topk=10, progress=True,
-                      desc="ranking"):
+def retrieval_metrics(
+    queries,
+    gallery,
+    q_labels,
+    g_labels,
+    chunk_size=512,
+    device="cpu",
+    protocols=("default",),
+    ap_cut=200,
+    ks=(100, 200),
+    topk=10,
+    progress=True,
+    desc="ranking",
+):
     """Per-query metrics (numpy arrays keyed 'protocol/metric') and the top-k gallery indices."""
     unknown = set(protocols) - set(PROTOCOLS)
     if unknown:
         raise ValueError(f"unknown protocol(s) {sorted(unknown)}; choose from {PROTOCOLS}.")
     if int(chunk_size) != chunk_size or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be a whole number from 1 (query rows in flight).")
+        raise ValueError(
+            f"chunk_size={chunk_size} must be a whole number from 1 (query rows in flight)."
+        )
     device = torch.device(device)
-    queries, gallery = embeddings(queries, "queries"), embeddings(gallery, "gallery photos").to(device)
+    queries, gallery = (
+        embeddings(queries, "queries"),
+        embeddings(gallery, "gallery photos").to(device),
+    )
     if queries.shape[1] != gallery.shape[1]:
-        raise ValueError(f"the queries have {queries.shape[1]} dimensions but the gallery photos "
-                         f"{gallery.shape[1]}: embed both with the same model.")
+        raise ValueError(
+            f"the queries have {queries.shape[1]} dimensions but the gallery photos "
+            f"{gallery.shape[1]}: embed both with the same model."
+        )
     q_labels, g_lab = label_codes(q_labels, g_labels, queries.shape[0], gallery.shape[0])
     g_lab = g_lab.to(device)
     if not (finite(queries) and finite(gallery)):
-        raise ValueError("embeddings contain NaN or infinite values; similarities cannot be ranked.")
-    relevant = {int(l): (g_lab == l).nonzero()[:, 0] for l in torch.unique(q_labels).tolist()}
+        raise ValueError(
+            "embeddings contain NaN or infinite values; similarities cannot be ranked."
+        )
+    relevant = {int(lab): (g_lab == lab).nonzero()[:, 0] for lab in torch.unique(q_labels).tolist()}
     names = metric_names(ap_cut, ks, protocols)
     per_query = {k: torch.full((queries.shape[0],), math.nan, dtype=torch.float64) for k in names}
     topk = min(topk, gallery.shape[0])
@@ -208,11 +238,13 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
     block = max(1, min(int(chunk_size) // workers, math.ceil(n_q / workers)))
 
     def rank_block(s):
-        idx = by_label[s:s + block]
+        idx = by_label[s : s + block]
         sims = _similarities(queries[idx].to(device), gallery)
         if not finite(sims):
-            raise ValueError("similarities overflow float32 (embeddings too large, e.g. 1e20); they "
-                             "cannot be ranked. L2-normalise the embeddings first.")
+            raise ValueError(
+                "similarities overflow float32 (embeddings too large, e.g. 1e20); they "
+                "cannot be ranked. L2-normalise the embeddings first."
+            )
         top[idx] = top_indices(sims, topk).cpu()
         labels, counts = torch.unique_consecutive(q_labels[idx], return_counts=True)
         start = 0
@@ -220,7 +252,9 @@ def retrieval_metrics(queries, gallery, q_labels, g_labels, chunk_size=512, devi
             rel = relevant[lab]
             if rel.numel():  # else no relevant photo: NaN, as the seed
                 rows = slice(start, start + count)
-                for k, v in _group_metrics(ranks_of(sims[rows], rel), ap_cut, ks, protocols).items():
+                for k, v in _group_metrics(
+                    ranks_of(sims[rows], rel), ap_cut, ks, protocols
+                ).items():
                     per_query[k][idx[rows]] = v.cpu()
             start += count
         return len(idx)
@@ -249,7 +283,7 @@ def _similarities(rows, gallery):
     return (rows @ gallery.T)[:n]
 
 
-_pools = {"running": 0, "threads": 1}   # rankings in threads at once share one saved count
+_pools = {"running": 0, "threads": 1}  # rankings in threads at once share one saved count
 _pools_lock = threading.Lock()
 
 

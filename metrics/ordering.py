@@ -1,5 +1,6 @@
 """The total order the metrics rank photos in, as int64 keys: shared by the torch ranking
 (metrics.engine) and the compiled CPU kernel (metrics.rank_kernel)."""
+
 import torch
 
 

@@ -1,5 +1,6 @@
 """Scores that select best.pth during training: sketch -> photo mAP@all on held-out seen classes
 (val_map), or the authors' weighted loss on a labelled split (test_loss)."""
+
 import torch
 
 from data.loader import PromptTable, SketchPhotoDataset, make_loader
@@ -12,16 +13,33 @@ from runtime.distributed import all_gather_cat
 def validation_map(model, rows, transform, tokenizer, cfg, device, info):
     """mAP@all (default protocol) on the validation classes; each rank embeds its share of the
     images, the embeddings are gathered and every rank gets the score."""
-    mine = rows[info.rank::info.world_size]
-    emb = embed_rows(model, mine, transform, tokenizer, batch_size=cfg.train.batch_size,
-                     num_workers=cfg.train.num_workers, device=device, precision=cfg.train.precision,
-                     progress=False, with_converted=False, cache=cfg.dataset.cache)
+    mine = rows[info.rank :: info.world_size]
+    emb = embed_rows(
+        model,
+        mine,
+        transform,
+        tokenizer,
+        batch_size=cfg.train.batch_size,
+        num_workers=cfg.train.num_workers,
+        device=device,
+        precision=cfg.train.precision,
+        progress=False,
+        with_converted=False,
+        cache=cfg.dataset.cache,
+    )
     z = all_gather_cat(torch.from_numpy(emb["img"]).to(device)).cpu()
     meta = torch.tensor([[r["m1"], r["label"]] for _, r in mine], dtype=torch.long, device=device)
     meta = all_gather_cat(meta).cpu()
     q, g = meta[:, 0] == 1, meta[:, 0] == 0
-    per_query, _ = retrieval_metrics(z[q], z[g], meta[q, 1], meta[g, 1],
-                                     chunk_size=cfg.eval.chunk_size, device=device, progress=False)
+    per_query, _ = retrieval_metrics(
+        z[q],
+        z[g],
+        meta[q, 1],
+        meta[g, 1],
+        chunk_size=cfg.eval.chunk_size,
+        device=device,
+        progress=False,
+    )
     return summarize(per_query)["default/AP@all"]
 
 
@@ -33,8 +51,12 @@ def split_loss(model, rows, transform, tokenizer, ratios, cfg, device):
     prompts = PromptTable(rows, tokenizer)
     tokens = prompts.tokens.to(device)
     loss = ModalityAwareLoss(ratios)
-    loader = make_loader(SketchPhotoDataset(rows, transform, prompts), int(cfg.train.batch_size),
-                         int(cfg.train.num_workers), shuffle=False)
+    loader = make_loader(
+        SketchPhotoDataset(rows, transform, prompts),
+        int(cfg.train.batch_size),
+        int(cfg.train.num_workers),
+        shuffle=False,
+    )
     totals = []
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}

@@ -1,5 +1,6 @@
 """The modality-aware model (DESIGN section 5): a CLIP dual encoder whose embeddings split into
 a modality-agnostic semantic part and learned modality vectors (its loss: model/loss.py)."""
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -11,16 +12,22 @@ class ModalityAwareCLIP(nn.Module):
     def __init__(self, clip, embed_dim, n_mode=4, temperature=2.6592):
         super().__init__()
         if not isinstance(getattr(clip, "logit_scale", None), nn.Parameter):
-            raise UserError(f"the backbone ({type(clip).__name__}) has no logit_scale parameter, which the "
-                            f"CLIP loss trains (reset to model.temperature); use an open_clip CLIP model.")
+            raise UserError(
+                f"the backbone ({type(clip).__name__}) has no logit_scale parameter, which the "
+                f"CLIP loss trains (reset to model.temperature); use an open_clip CLIP model."
+            )
         self.clip = clip
-        with torch.no_grad():  # the CLIP model's own scale, reset as the authors do, trained with the backbone
+        with (
+            torch.no_grad()
+        ):  # the CLIP model's own scale, reset as the authors do, trained with the backbone
             clip.logit_scale.fill_(float(temperature))
         clip.logit_scale.requires_grad_(True)
         if isinstance(getattr(clip, "logit_bias", None), nn.Parameter):  # SigLIP's; unused here
             clip.logit_bias.requires_grad_(False)
         self.n_mode = n_mode
-        self.modes = nn.Embedding(n_mode, embed_dim)  # PyTorch's default init N(0, 1), as the authors'
+        self.modes = nn.Embedding(
+            n_mode, embed_dim
+        )  # PyTorch's default init N(0, 1), as the authors'
         self.disc = nn.Linear(embed_dim, n_mode)
         self.register_load_state_dict_pre_hook(_older_scale_name)
 

@@ -1,1 +1,2 @@
-"""The pipelines under the entry points: train (the training loop and best.pth selection), infer and evaluate."""
+"""The pipelines under the entry points: train (the training loop and best.pth selection), infer
+and evaluate."""

@@ -1,5 +1,6 @@
 """How a training run picks best.pth: the rule (train.select, with `auto` resolved), the score it
 asks for at the end of an epoch, and whether that score is a new best."""
+
 import math
 
 from omegaconf import OmegaConf
@@ -16,11 +17,17 @@ def choose_rule(select, splits):
     if select == "auto":
         select = "val_map" if splits.val and problem is None else "last"
     elif select == "val_map" and problem is not None:
-        log.warning(f"train.select=val_map: {problem}. best.pth falls back to the last epoch (train.select=last).")
+        log.warning(
+            f"train.select=val_map: {problem}. best.pth falls back to the last epoch "
+            f"(train.select=last)."
+        )
         select = "last"
     if select == "test_loss":
-        log.warning("train.select=test_loss: best.pth is chosen on the TEST split's loss (the authors' "
-                    "protocol); its scores are not a clean zero-shot estimate, and eval_result.json says so.")
+        log.warning(
+            "train.select=test_loss: best.pth is chosen on the TEST split's loss (the authors' "
+            "protocol); its scores are not a clean zero-shot estimate, and eval_result.json says "
+            "so."
+        )
     return select
 
 
@@ -39,7 +46,9 @@ class Selection:
         if dcfg.valid_idx is None or str(dcfg.valid_idx) == str(dcfg.test_idx):
             rows = self.splits.test
         else:
-            rows = make_splits(OmegaConf.merge(dcfg, {"test_idx": dcfg.valid_idx}), need_train=False).test
+            rows = make_splits(
+                OmegaConf.merge(dcfg, {"test_idx": dcfg.valid_idx}), need_train=False
+            ).test
         return partial(rows, float(dcfg.valid_partial_ratio), int(dcfg.split_seed))
 
     def score(self, epoch, model, eval_tf, tokenizer, ratios, device, info):
@@ -48,7 +57,9 @@ class Selection:
         if epoch % int(tcfg.eval_every) and epoch != int(tcfg.epochs):
             return None, None
         if self.rule == "val_map" or (self.splits.val and self.rule == "last"):
-            score = validation_map(model, self.splits.val, eval_tf, tokenizer, self.cfg, device, info)
+            score = validation_map(
+                model, self.splits.val, eval_tf, tokenizer, self.cfg, device, info
+            )
             return score, f"validation mAP@all {score:.4f}"
         if self.rule == "test_loss" and info.is_main:
             loss = split_loss(model, self.rows, eval_tf, tokenizer, ratios, self.cfg, device)

@@ -1,12 +1,19 @@
 """The process layout of a SLURM job (srun, or Hydra's submitit launcher) or of submitit's local
 executor, written as the torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT) that runtime.distributed reads. Under torchrun, which sets them itself, nothing changes."""
+MASTER_PORT) that runtime.distributed reads. Under torchrun, which sets them itself, nothing
+changes."""
+
 import os
 import re
 
 # (rank, world size, local rank, job id) variables of each launcher, in the order they are tried
 LAUNCHERS = [
-    ("SUBMITIT_LOCAL_GLOBALID", "SUBMITIT_LOCAL_NTASKS", "SUBMITIT_LOCAL_LOCALID", "SUBMITIT_LOCAL_JOB_ID"),
+    (
+        "SUBMITIT_LOCAL_GLOBALID",
+        "SUBMITIT_LOCAL_NTASKS",
+        "SUBMITIT_LOCAL_LOCALID",
+        "SUBMITIT_LOCAL_JOB_ID",
+    ),
     ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_ID"),
 ]
 
@@ -31,10 +38,14 @@ def export_cluster_env(environ=os.environ):
         return None
     for rank, world, local, job in LAUNCHERS:
         if rank in environ and int(environ.get(world, "1")) > 1:
-            environ.update(RANK=environ[rank], WORLD_SIZE=environ[world], LOCAL_RANK=environ.get(local, "0"))
+            environ.update(
+                RANK=environ[rank], WORLD_SIZE=environ[world], LOCAL_RANK=environ.get(local, "0")
+            )
             nodelist = environ.get("SLURM_JOB_NODELIST", environ.get("SLURM_NODELIST", ""))
-            environ.setdefault("MASTER_ADDR", first_host(nodelist) if rank.startswith("SLURM") and nodelist
-                               else "127.0.0.1")
+            environ.setdefault(
+                "MASTER_ADDR",
+                first_host(nodelist) if rank.startswith("SLURM") and nodelist else "127.0.0.1",
+            )
             environ.setdefault("MASTER_PORT", port_for(environ.get(job, "0")))
             return rank.split("_")[0].lower()
     return None

@@ -1,4 +1,5 @@
 """The compute device, seeding and mixed precision of train, infer, evaluate and search."""
+
 import random
 from contextlib import nullcontext
 
@@ -14,12 +15,22 @@ def pick_device(name="auto"):
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise UserError(f"unknown device {name!r} ({e}). Use auto, cpu, cuda or cuda:<index>.") from None
+        raise UserError(
+            f"unknown device {name!r} ({e}). Use auto, cpu, cuda or cuda:<index>."
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} asked for, but PyTorch sees no CUDA GPU here. "
-                        f"Use device=auto (GPU when present, else CPU) or device=cpu.")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible.")
+        raise UserError(
+            f"device {name!r} asked for, but PyTorch sees no CUDA GPU here. "
+            f"Use device=auto (GPU when present, else CPU) or device=cpu."
+        )
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise UserError(
+            f"device {name!r} asked for, but only {torch.cuda.device_count()} GPU(s) are visible."
+        )
     return device
 
 

@@ -1,4 +1,6 @@
-"""torch.distributed set-up for torchrun, SLURM and submitit, and the feature gather of the contrastive loss."""
+"""torch.distributed set-up for torchrun, SLURM and submitit, and the feature gather of the
+contrastive loss."""
+
 import os
 import warnings
 from dataclasses import dataclass
@@ -29,7 +31,11 @@ class DistInfo:
     def device(self, name):
         """This process's device for the run's device setting: under DDP on CUDA, its own GPU."""
         device = pick_device(name)
-        return torch.device("cuda", self.local_rank) if self.enabled and device.type == "cuda" else device
+        return (
+            torch.device("cuda", self.local_rank)
+            if self.enabled and device.type == "cuda"
+            else device
+        )
 
 
 def init_distributed(device="auto"):
@@ -48,9 +54,12 @@ def init_distributed(device="auto"):
             n_gpu = torch.cuda.device_count()
             if local_rank >= n_gpu:
                 raise UserError(
-                    f"torchrun started process LOCAL_RANK={local_rank} on this node, but only {n_gpu} GPU(s) "
-                    f"are visible: DDP on CUDA runs one process per GPU. Use --nproc_per_node={n_gpu}, "
-                    f"or device=cpu for CPU processes (gloo backend).")
+                    f"torchrun started process LOCAL_RANK={local_rank} on this node, but only "
+                    f"{n_gpu} GPU(s) "
+                    f"are visible: DDP on CUDA runs one process per GPU. Use "
+                    f"--nproc_per_node={n_gpu}, "
+                    f"or device=cpu for CPU processes (gloo backend)."
+                )
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistInfo(rank, local_rank, world)
@@ -75,7 +84,9 @@ def all_gather_cat(t):
     """Concatenate a tensor of any first-dim size from all ranks, in rank order."""
     if not (dist.is_available() and dist.is_initialized()):
         return t
-    sizes = [torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(dist.get_world_size())]
+    sizes = [
+        torch.zeros(1, dtype=torch.long, device=t.device) for _ in range(dist.get_world_size())
+    ]
     dist.all_gather(sizes, torch.tensor([t.shape[0]], device=t.device))
     top = int(max(s.item() for s in sizes))
     padded = torch.zeros((top,) + t.shape[1:], dtype=t.dtype, device=t.device)

@@ -1,5 +1,6 @@
 """UserError, the error caused by input (config, data, files), and the entry points' wrapper that
 prints it as one line and exits 1."""
+
 import sys
 
 

@@ -1,4 +1,5 @@
 """The project's logger ("ma_sbir"): stderr and the run's train.log, and wandb when asked for."""
+
 import logging
 import os
 import sys
@@ -29,6 +30,7 @@ def setup_logging(log_file=None):
 def init_wandb(cfg, run_dir, run_id):
     """wandb as configured; never fails a run for lack of network or login (falls back)."""
     from omegaconf import OmegaConf
+
     mode = cfg.logger.wandb.mode
     if mode == "disabled":
         return None
@@ -37,13 +39,20 @@ def init_wandb(cfg, run_dir, run_id):
     except ImportError:
         log.warning("wandb is not installed; logging to train.log only.")
         return None
-    kwargs = dict(project=cfg.logger.wandb.project, name=cfg.logger.wandb.name,
-                  dir=str(run_dir), id=run_id, resume="allow",
-                  config=OmegaConf.to_container(cfg, resolve=True))
+    kwargs = dict(
+        project=cfg.logger.wandb.project,
+        name=cfg.logger.wandb.name,
+        dir=str(run_dir),
+        id=run_id,
+        resume="allow",
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
     for try_mode in dict.fromkeys([mode, "offline"]):
         try:
             return wandb.init(mode=try_mode, settings=wandb.Settings(init_timeout=60), **kwargs)
         except Exception as e:  # no network, no API key, service start failure
-            log.warning(f"wandb mode={try_mode} failed ({type(e).__name__}: {e}); "
-                        f"{'trying offline' if try_mode != 'offline' else 'logging to train.log only'}.")
+            log.warning(
+                f"wandb mode={try_mode} failed ({type(e).__name__}: {e}); "
+                f"{'trying offline' if try_mode != 'offline' else 'logging to train.log only'}."
+            )
     return None

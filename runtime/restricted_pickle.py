@@ -1,6 +1,8 @@
-"""torch.load for checkpoints that hold more than weights (an optimiser, a scheduler object), without
+"""torch.load for checkpoints that hold more than weights (an optimiser, a scheduler object),
+without
 running anything they hold: only tensors, storages and plain containers are built; every other
 pickled global becomes an inert `Dropped` placeholder that is never called."""
+
 import pickle
 import types
 import zipfile
@@ -12,6 +14,7 @@ import torch
 
 class Dropped:
     """Stands in for an object of a class or function this loader does not build."""
+
     origin = "?"
 
     def __new__(cls, *args, **kwargs):
@@ -43,11 +46,15 @@ def _dropped_class(module, name):
     return type("Dropped", (Dropped,), {"origin": f"{module}.{name}"})
 
 
-def _tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+def _tensor(
+    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
+):
     """torch's own tensor rebuild, without the pickled hooks or metadata."""
     if not isinstance(storage, torch.storage.TypedStorage):
         raise pickle.UnpicklingError(f"a tensor without a storage ({type(storage).__name__})")
-    return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, False, OrderedDict())
+    return torch._utils._rebuild_tensor_v2(
+        storage, storage_offset, size, stride, False, OrderedDict()
+    )
 
 
 def _parameter_data(data, *args):
@@ -85,8 +92,9 @@ def _load(file, **kwargs):
     return RestrictedUnpickler(file, **kwargs).load()
 
 
-restricted_pickle_module = types.SimpleNamespace(__name__="restricted_pickle", Unpickler=RestrictedUnpickler,
-                                                 load=_load)
+restricted_pickle_module = types.SimpleNamespace(
+    __name__="restricted_pickle", Unpickler=RestrictedUnpickler, load=_load
+)
 
 
 def is_torchscript(path):
@@ -102,4 +110,6 @@ def restricted_load(path):
     path = Path(path)
     if is_torchscript(path):
         raise pickle.UnpicklingError("a TorchScript archive, not a pickled checkpoint")
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle_module)
+    return torch.load(
+        path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle_module
+    )

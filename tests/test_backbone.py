@@ -1,4 +1,5 @@
 """open_clip backbone: tiny config registered, local weight files, clear errors without weights."""
+
 import open_clip
 import pytest
 import torch
@@ -39,11 +40,16 @@ def test_unknown_backbone_is_a_clear_error():
 def test_tag_without_network_says_how_to_get_weights(monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' (offline)")
+
     monkeypatch.setattr(open_clip.factory, "download_pretrained", offline)
     with pytest.raises(UserError) as err:
         create_backbone("ViT-B-32", "openai")
     msg = str(err.value)
-    assert "cannot download" in msg and "model.pretrained=/path/to/file" in msg and "create_model('ViT-B-32'" in msg
+    assert (
+        "cannot download" in msg
+        and "model.pretrained=/path/to/file" in msg
+        and "create_model('ViT-B-32'" in msg
+    )
 
 
 def test_clip_lr_reaches_only_the_backbone_and_its_logit_scale():
@@ -60,7 +66,9 @@ def test_clip_lr_reaches_only_the_backbone_and_its_logit_scale():
     assert in_groups == {id(p) for p in model.parameters() if p.requires_grad}
     assert all(g["weight_decay"] == 0.1 for g in groups)  # the authors decay every parameter
     assert [g["name"] for g in groups] == ["clip", "head"]
-    assert id(model.clip.logit_scale) in {id(p) for g in groups if g["lr"] == 5e-8 for p in g["params"]}
+    assert id(model.clip.logit_scale) in {
+        id(p) for g in groups if g["lr"] == 5e-8 for p in g["params"]
+    }
     head = {id(model.modes.weight), id(model.disc.weight), id(model.disc.bias)}
     assert head == {id(p) for g in groups if g["lr"] == 1e-3 for p in g["params"]}
 
@@ -75,7 +83,9 @@ def test_logit_scale_is_the_clip_models_own_reset_to_temperature():
 def test_checkpoint_with_the_older_separate_scale_still_loads():
     model, *_ = build_model(tiny_model_cfg())
     old = model.state_dict()
-    old["logit_scale"] = torch.tensor(4.5)  # trained scale; clip.logit_scale was open_clip's frozen one
+    old["logit_scale"] = torch.tensor(
+        4.5
+    )  # trained scale; clip.logit_scale was open_clip's frozen one
     fresh, *_ = build_model(tiny_model_cfg())
     fresh.load_state_dict(old)
     assert fresh.clip.logit_scale.item() == 4.5
@@ -86,23 +96,29 @@ def test_mode_vectors_have_pytorchs_default_init():
     model, *_ = build_model(tiny_model_cfg())
     norms = model.modes.weight.norm(dim=-1)
     d = model.modes.weight.shape[1]  # N(0, 1) entries: norm about sqrt(d)
-    assert ((norms > 0.8 * d ** 0.5) & (norms < 1.2 * d ** 0.5)).all(), norms
+    assert ((norms > 0.8 * d**0.5) & (norms < 1.2 * d**0.5)).all(), norms
 
 
 def test_vit_b_32_with_openai_weights_is_built_with_quick_gelu_without_download(monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("tried to download")
+
     monkeypatch.setattr(open_clip.factory, "download_pretrained", no_download)
     clip, *_ = create_backbone("ViT-B-32", "openai", load_weights=False)
-    acts = [type(b.mlp.gelu) for t in (clip.transformer, clip.visual.transformer) for b in t.resblocks]
+    acts = [
+        type(b.mlp.gelu) for t in (clip.transformer, clip.visual.transformer) for b in t.resblocks
+    ]
     assert acts and all(a is QuickGELU for a in acts)
     plain, *_ = create_backbone("ViT-B-32", None)
     assert not uses_quick_gelu(plain)
 
 
 def test_quick_gelu_mismatch_is_an_error_not_a_warning():
-    with pytest.raises(UserError, match="QuickGELU mismatch.*model.quick_gelu says quick_gelu=False.*"
-                                        "pretrained tag 'openai' says quick_gelu=True"):
+    with pytest.raises(
+        UserError,
+        match="QuickGELU mismatch.*model.quick_gelu says quick_gelu=False.*"
+        "pretrained tag 'openai' says quick_gelu=True",
+    ):
         create_backbone("ViT-B-32", "openai", quick_gelu=False, load_weights=False)
     with pytest.raises(UserError, match="ma-tiny-hf architecture config says quick_gelu=True"):
         create_backbone("ma-tiny-hf", None, quick_gelu=False)
@@ -124,7 +140,11 @@ def test_max_length_truncates_like_hf_and_keeps_embeddings_of_short_prompts():
     tokens = cut([long, short])
     assert tokens.shape == plain.shape == (2, 16)  # padded back to the context length
     eot = plain[1].max()
-    assert tokens[0, :5].tolist() == plain[0, :5].tolist() and tokens[0, 5] == eot and not tokens[0, 6:].any()
+    assert (
+        tokens[0, :5].tolist() == plain[0, :5].tolist()
+        and tokens[0, 5] == eot
+        and not tokens[0, 6:].any()
+    )
     assert torch.equal(tokens[1], plain[1])
     model.eval()
     with torch.no_grad():
@@ -134,7 +154,9 @@ def test_max_length_truncates_like_hf_and_keeps_embeddings_of_short_prompts():
 
 
 def test_torchscript_weight_file_is_loaded_with_quick_gelu(tmp_path):
-    scripted = open_clip.create_model("ma-tiny-vit", jit=True)  # the form of OpenAI's released files
+    scripted = open_clip.create_model(
+        "ma-tiny-vit", jit=True
+    )  # the form of OpenAI's released files
     torch.jit.save(scripted, tmp_path / "ViT-tiny.pt")
     clip, *_ = create_backbone("ma-tiny-vit", str(tmp_path / "ViT-tiny.pt"))
     assert uses_quick_gelu(clip)

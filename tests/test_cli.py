@@ -1,5 +1,6 @@
 """The entry points as a user runs them: bad input gives exit code 1, one readable message and
 no partial output."""
+
 import subprocess
 import sys
 
@@ -13,7 +14,9 @@ from runtime.errors import UserError
 
 
 def run(*args, cwd=REPO):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_mistyped_config_key(tmp_path):
@@ -22,23 +25,40 @@ def test_mistyped_config_key(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("script, override, message", [
-    ("train.py", "train.epochs=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
-    ("infer.py", "batch_size=1.5", "could not be converted to Integer"),
-    ("evaluate.py", "eval.generalized=maybe", "is not a valid bool"),
-])
+@pytest.mark.parametrize(
+    "script, override, message",
+    [
+        (
+            "train.py",
+            "train.epochs=abc",
+            "Value 'abc' of type 'str' could not be converted to Integer",
+        ),
+        ("infer.py", "batch_size=1.5", "could not be converted to Integer"),
+        ("evaluate.py", "eval.generalized=maybe", "is not a valid bool"),
+    ],
+)
 def test_a_wrong_type_stops_each_entry_point_at_composition(tmp_path, script, override, message):
-    p = run(script, override, "path=x", f"hydra.run.dir={tmp_path / 'r'}") if script != "train.py" else \
-        run(script, override, f"hydra.run.dir={tmp_path / 'r'}")
+    p = (
+        run(script, override, "path=x", f"hydra.run.dir={tmp_path / 'r'}")
+        if script != "train.py"
+        else run(script, override, f"hydra.run.dir={tmp_path / 'r'}")
+    )
     assert p.returncode == 1 and override.split("=")[0] in p.stderr and message in p.stderr
     assert "Traceback" not in p.stderr and not (tmp_path / "r").exists()
 
 
 def test_missing_dataset_root_leaves_no_run_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("MA_SBIR_SKETCHY", raising=False)
-    p = run("train.py", "dataset=sketchy", "logger.wandb.mode=disabled", f"hydra.run.dir={tmp_path / 'r'}")
+    p = run(
+        "train.py",
+        "dataset=sketchy",
+        "logger.wandb.mode=disabled",
+        f"hydra.run.dir={tmp_path / 'r'}",
+    )
     assert p.returncode == 1
-    assert "error: no root folder given for dataset 'sketchy'. Pass dataset.root.sketchy=" in p.stderr
+    assert (
+        "error: no root folder given for dataset 'sketchy'. Pass dataset.root.sketchy=" in p.stderr
+    )
     assert "Traceback" not in p.stderr
     assert not (tmp_path / "r").exists()
 
@@ -46,7 +66,9 @@ def test_missing_dataset_root_leaves_no_run_folder(tmp_path, monkeypatch):
 def test_infer_on_run_without_checkpoint(tmp_path):
     (tmp_path / "config.yaml").write_text("dataset: {test_idx: demo}\n")
     p = run("infer.py", f"path={tmp_path}")
-    assert p.returncode == 1 and "holds no trained model" in p.stderr and "Traceback" not in p.stderr
+    assert (
+        p.returncode == 1 and "holds no trained model" in p.stderr and "Traceback" not in p.stderr
+    )
     assert not (tmp_path / "infer_output").exists()
 
 
@@ -60,19 +82,29 @@ def test_evaluate_without_infer_output(tmp_path):
 def test_checkpoint_from_another_model_config_is_refused():
     saved = {"model": {"backbone": "ma-tiny", "n_mode": 4}}
     with pytest.raises(UserError, match=r"model.n_mode: checkpoint 4, config 5"):
-        check_compatible(saved, OmegaConf.create({"model": {"backbone": "ma-tiny", "n_mode": 5}}), "x.pth")
+        check_compatible(
+            saved, OmegaConf.create({"model": {"backbone": "ma-tiny", "n_mode": 5}}), "x.pth"
+        )
     with pytest.raises(UserError, match=r"model.backbone: checkpoint 'ma-tiny', config 'ViT-B-32'"):
-        check_compatible(saved, OmegaConf.create({"model": {"backbone": "ViT-B-32", "n_mode": 4}}), "x.pth")
+        check_compatible(
+            saved, OmegaConf.create({"model": {"backbone": "ViT-B-32", "n_mode": 4}}), "x.pth"
+        )
 
 
 def test_infer_with_checkpoint_not_matching_its_config(tmp_path, demo_root):
     from model.backbone import build_model
-    cfg = compose_cfg("config-train", ["model=tiny", "dataset=demo", f"dataset.root={demo_root}",
-                                       "dataset.cls_ratio=1.0"])
+
+    cfg = compose_cfg(
+        "config-train",
+        ["model=tiny", "dataset=demo", f"dataset.root={demo_root}", "dataset.cls_ratio=1.0"],
+    )
     state = build_model(cfg.model)[0].state_dict()
     state["modes.weight"] = torch.zeros(5, 128)  # weights of a 5-mode model
     (tmp_path / "model").mkdir()
-    torch.save(dict(model=state, config=OmegaConf.to_container(cfg), epoch=1), tmp_path / "model" / "best.pth")
+    torch.save(
+        dict(model=state, config=OmegaConf.to_container(cfg), epoch=1),
+        tmp_path / "model" / "best.pth",
+    )
     p = run("infer.py", f"path={tmp_path}", "num_workers=0")
     assert p.returncode == 1 and "does not fit the model its config describes" in p.stderr
     assert not (tmp_path / "infer_output").exists()
@@ -81,16 +113,29 @@ def test_infer_with_checkpoint_not_matching_its_config(tmp_path, demo_root):
 def test_folder_dataset_train_infer_evaluate_from_the_command_line(tmp_path, demo_root):
     """A user's own folder: after training, infer and evaluate need only path=<run>."""
     import json
+
     data = folder_dataset(demo_root, tmp_path / "mydata")
     run_dir = tmp_path / "run"
-    p = run("train.py", "dataset=folder", f"dataset.root={data}", "model=tiny", "train.epochs=1",
-            "train.batch_size=16", "train.num_workers=0", "dataset.cls_ratio=0.75", "device=cpu",
-            "logger.wandb.mode=disabled", f"hydra.run.dir={run_dir}")
+    p = run(
+        "train.py",
+        "dataset=folder",
+        f"dataset.root={data}",
+        "model=tiny",
+        "train.epochs=1",
+        "train.batch_size=16",
+        "train.num_workers=0",
+        "dataset.cls_ratio=0.75",
+        "device=cpu",
+        "logger.wandb.mode=disabled",
+        f"hydra.run.dir={run_dir}",
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     p = run("infer.py", f"path={run_dir}", "num_workers=0", "device=cpu")
     assert p.returncode == 0, p.stderr[-2000:]
     p = run("evaluate.py", f"path={run_dir}", "eval.device=cpu")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "mAP@all" in p.stdout and "report.html" in p.stdout
-    result = json.loads((run_dir / "infer_output" / "best" / "folder" / "eval_result.json").read_text())
+    result = json.loads(
+        (run_dir / "infer_output" / "best" / "folder" / "eval_result.json").read_text()
+    )
     assert set(result["per_class_AP"]) == {"kite", "sun"} and result["n_queries"] == 16

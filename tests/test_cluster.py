@@ -1,5 +1,6 @@
 """Cluster launches: SLURM's and submitit's process layout read as torchrun's, and Hydra's submitit
 launcher (local executor) running a sweep of two 2-process CPU trainings of the tiny model."""
+
 import os
 import subprocess
 import sys
@@ -12,12 +13,25 @@ from data.demo import generate
 from tests.conftest import REPO
 from runtime.cluster import export_cluster_env, first_host
 
-SLURM = dict(SLURM_PROCID="11", SLURM_NTASKS="16", SLURM_LOCALID="3", SLURM_JOB_ID="4242",
-             SLURM_JOB_NODELIST="gpu[007-008],cpu1")
+SLURM = dict(
+    SLURM_PROCID="11",
+    SLURM_NTASKS="16",
+    SLURM_LOCALID="3",
+    SLURM_JOB_ID="4242",
+    SLURM_JOB_NODELIST="gpu[007-008],cpu1",
+)
 
 
-@pytest.mark.parametrize("nodelist, host", [("node12", "node12"), ("gpu[007-008],cpu1", "gpu007"),
-                                            ("a[3,5-9]", "a3"), ("n[1-2]-ib,m5", "n1-ib"), ("x1,x2", "x1")])
+@pytest.mark.parametrize(
+    "nodelist, host",
+    [
+        ("node12", "node12"),
+        ("gpu[007-008],cpu1", "gpu007"),
+        ("a[3,5-9]", "a3"),
+        ("n[1-2]-ib,m5", "n1-ib"),
+        ("x1,x2", "x1"),
+    ],
+)
 def test_first_host_of_a_slurm_node_list(nodelist, host):
     assert first_host(nodelist) == host
 
@@ -25,14 +39,31 @@ def test_first_host_of_a_slurm_node_list(nodelist, host):
 def test_slurm_and_submitit_layouts_become_torchrun_variables():
     env = dict(SLURM)
     assert export_cluster_env(env) == "slurm"
-    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"], env["MASTER_PORT"]) == \
-        ("11", "16", "3", "gpu007", str(20000 + 4242))
-    env = dict(SLURM, SUBMITIT_LOCAL_GLOBALID="1", SUBMITIT_LOCAL_NTASKS="2", SUBMITIT_LOCAL_LOCALID="1",
-               SUBMITIT_LOCAL_JOB_ID="777")
-    assert export_cluster_env(env) == "submitit"   # a local job inside a SLURM allocation
-    assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"], env["MASTER_PORT"]) == ("1", "2", "127.0.0.1", "20777")
+    assert (
+        env["RANK"],
+        env["WORLD_SIZE"],
+        env["LOCAL_RANK"],
+        env["MASTER_ADDR"],
+        env["MASTER_PORT"],
+    ) == ("11", "16", "3", "gpu007", str(20000 + 4242))
+    env = dict(
+        SLURM,
+        SUBMITIT_LOCAL_GLOBALID="1",
+        SUBMITIT_LOCAL_NTASKS="2",
+        SUBMITIT_LOCAL_LOCALID="1",
+        SUBMITIT_LOCAL_JOB_ID="777",
+    )
+    assert export_cluster_env(env) == "submitit"  # a local job inside a SLURM allocation
+    assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"], env["MASTER_PORT"]) == (
+        "1",
+        "2",
+        "127.0.0.1",
+        "20777",
+    )
     torchrun = dict(SLURM, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0")
-    assert export_cluster_env(torchrun) is None and torchrun["WORLD_SIZE"] == "2"  # torchrun inside SLURM wins
+    assert (
+        export_cluster_env(torchrun) is None and torchrun["WORLD_SIZE"] == "2"
+    )  # torchrun inside SLURM wins
     one_task = dict(SLURM, SLURM_NTASKS="1")
     assert export_cluster_env(one_task) is None and "WORLD_SIZE" not in one_task
 
@@ -40,10 +71,15 @@ def test_slurm_and_submitit_layouts_become_torchrun_variables():
 def test_init_distributed_joins_the_group_a_slurm_job_describes(monkeypatch):
     joined, before = [], os.environ.get("WORLD_SIZE")
     monkeypatch.setattr(ud.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(ud.dist, "init_process_group", lambda backend: joined.append(
-        (backend, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])))
+    monkeypatch.setattr(
+        ud.dist,
+        "init_process_group",
+        lambda backend: joined.append(
+            (backend, os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+        ),
+    )
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.setenv(key, "")   # recorded, so that what init_distributed exports is undone
+        monkeypatch.setenv(key, "")  # recorded, so that what init_distributed exports is undone
         monkeypatch.delenv(key)
     for key, value in SLURM.items():
         monkeypatch.setenv(key, value)
@@ -51,7 +87,7 @@ def test_init_distributed_joins_the_group_a_slurm_job_describes(monkeypatch):
     assert (info.rank, info.local_rank, info.world_size) == (11, 3, 16)
     assert joined == [("gloo", "gpu007", "24242")]
     monkeypatch.undo()
-    assert os.environ.get("WORLD_SIZE") == before   # later tests train in this process
+    assert os.environ.get("WORLD_SIZE") == before  # later tests train in this process
 
 
 def test_submitit_local_sweep_of_two_process_trainings(tmp_path):
@@ -59,10 +95,25 @@ def test_submitit_local_sweep_of_two_process_trainings(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     root = generate(tmp_path / "demo", n_photo=2, n_sketch=2)
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "train.py", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
-           "hydra.launcher.timeout_min=10", "seed=0,1", "dataset=demo", "model=tiny", f"dataset.root={root}",
-           "dataset.cls_ratio=1.0", "train.epochs=1", "train.batch_size=16", "train.num_workers=0",
-           "device=cpu", "logger.wandb.mode=disabled", f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.timeout_min=10",
+        "seed=0,1",
+        "dataset=demo",
+        "model=tiny",
+        f"dataset.root={root}",
+        "dataset.cls_ratio=1.0",
+        "train.epochs=1",
+        "train.batch_size=16",
+        "train.num_workers=0",
+        "device=cpu",
+        "logger.wandb.mode=disabled",
+        f"hydra.sweep.dir={sweep}",
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
     env.update(OMP_NUM_THREADS="1")
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -77,4 +128,4 @@ def test_submitit_local_sweep_of_two_process_trainings(tmp_path):
         ckpt = torch.load(sweep / job / "model" / "last.pth", weights_only=True)
         assert ckpt["epoch"] == 1 and ckpt["config"]["seed"] == int(job)
         weights.append(ckpt["model"]["modes.weight"])
-    assert not torch.equal(*weights)   # two seeds, two different runs
+    assert not torch.equal(*weights)  # two seeds, two different runs

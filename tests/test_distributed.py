@@ -1,5 +1,6 @@
 """DDP on CPU with gloo and 2 processes: same first-step loss and gradients as one process on the
 same global batch, and a full torchrun training run that writes one checkpoint."""
+
 import os
 import socket
 import subprocess
@@ -21,10 +22,13 @@ GLOBAL_BATCH = 8
 
 def batch():
     g = torch.Generator().manual_seed(123)
-    return dict(image=torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g),
-                tokens=torch.randint(1, 400, (3, 16), generator=g),
-                prompt_id=torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]),
-                m1=torch.tensor([0, 1, 0, 1, 1, 0, 1, 0]), m2=torch.full((GLOBAL_BATCH,), 3))
+    return dict(
+        image=torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g),
+        tokens=torch.randint(1, 400, (3, 16), generator=g),
+        prompt_id=torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]),
+        m1=torch.tensor([0, 1, 0, 1, 1, 0, 1, 0]),
+        m2=torch.full((GLOBAL_BATCH,), 3),
+    )
 
 
 def model():
@@ -42,21 +46,37 @@ def ddp_worker(rank, world, port, out):
     from torch.nn.parallel import DistributedDataParallel
     from runtime.distributed import GatherFeatures, init_distributed
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     info = init_distributed("cpu")  # gloo, also on a machine with GPUs
     net = model()
     ddp = DistributedDataParallel(net)
     b = batch()
     mine = slice(rank, None, world)  # DistributedSampler's interleaved share of the batch
-    total, _ = ddp(b["image"][mine], b["tokens"], b["prompt_id"][mine], b["m1"][mine], b["m2"][mine],
-                   ModalityAwareLoss(loss_ratios(tiny_model_cfg(**MCFG)), GatherFeatures(info)))
+    total, _ = ddp(
+        b["image"][mine],
+        b["tokens"],
+        b["prompt_id"][mine],
+        b["m1"][mine],
+        b["m2"][mine],
+        ModalityAwareLoss(loss_ratios(tiny_model_cfg(**MCFG)), GatherFeatures(info)),
+    )
     total.backward()
     losses = [torch.zeros(1) for _ in range(world)]
     dist.all_gather(losses, total.detach().reshape(1))
     if rank == 0:
-        torch.save(dict(loss=torch.cat(losses).mean(),
-                        grads={n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}), out)
+        torch.save(
+            dict(
+                loss=torch.cat(losses).mean(),
+                grads={n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None},
+            ),
+            out,
+        )
     dist.destroy_process_group()
 
 
@@ -66,20 +86,43 @@ def test_ddp_first_step_equals_single_process(tmp_path):
     ddp = torch.load(out, weights_only=True)
     net = model()
     b = batch()
-    total, _ = net(b["image"], b["tokens"], b["prompt_id"], b["m1"], b["m2"], ModalityAwareLoss(loss_ratios(tiny_model_cfg(**MCFG))))
+    total, _ = net(
+        b["image"],
+        b["tokens"],
+        b["prompt_id"],
+        b["m1"],
+        b["m2"],
+        ModalityAwareLoss(loss_ratios(tiny_model_cfg(**MCFG))),
+    )
     total.backward()
     torch.testing.assert_close(ddp["loss"], total.detach(), atol=1e-5, rtol=0)
     grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
     assert set(grads) == set(ddp["grads"])
     for n, g in grads.items():
-        torch.testing.assert_close(ddp["grads"][n], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(
+            ddp["grads"][n], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{n}: {m}"
+        )
 
 
 def test_torchrun_training_writes_one_checkpoint(tmp_path, demo_root):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           "dataset=demo", "model=tiny", f"dataset.root={demo_root}", "train.epochs=1", "train.batch_size=16",
-           "train.num_workers=0", "device=cpu", "logger.wandb.mode=disabled", f"hydra.run.dir={run}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "train.py",
+        "dataset=demo",
+        "model=tiny",
+        f"dataset.root={demo_root}",
+        "train.epochs=1",
+        "train.batch_size=16",
+        "train.num_workers=0",
+        "device=cpu",
+        "logger.wandb.mode=disabled",
+        f"hydra.run.dir={run}",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -94,19 +137,55 @@ def test_torchrun_sharded_inference_equals_one_process(tmp_path, demo_root):
     from pipeline.infer import infer
     from pipeline.train import train
     from tests.conftest import compose_cfg
+
     run = tmp_path / "run"
-    train(compose_cfg("config-train", ["dataset=demo", "model=tiny", f"dataset.root={demo_root}",
-                                       "train.epochs=1", "train.batch_size=32", "train.num_workers=0",
-                                       "device=cpu", "logger.wandb.mode=disabled"]), run)
-    single = infer(compose_cfg("config-infer", [f"path={run}", "device=cpu", "num_workers=0", "mode=last"]))
-    expect = {f: torch.load(single / f, weights_only=True) for f in ("img_logits.pt", "converted_logits.pt")}
+    train(
+        compose_cfg(
+            "config-train",
+            [
+                "dataset=demo",
+                "model=tiny",
+                f"dataset.root={demo_root}",
+                "train.epochs=1",
+                "train.batch_size=32",
+                "train.num_workers=0",
+                "device=cpu",
+                "logger.wandb.mode=disabled",
+            ],
+        ),
+        run,
+    )
+    single = infer(
+        compose_cfg("config-infer", [f"path={run}", "device=cpu", "num_workers=0", "mode=last"])
+    )
+    expect = {
+        f: torch.load(single / f, weights_only=True)
+        for f in ("img_logits.pt", "converted_logits.pt")
+    }
     index = (single / "index.csv").read_text()
     for f in ("img_logits.pt", "txt_logits.pt", "converted_logits.pt", "index.csv"):
         (single / f).unlink()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "infer.py",
-           f"path={run}", "device=cpu", "num_workers=0", "mode=last", "batch_size=7"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
-                          text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "infer.py",
+        f"path={run}",
+        "device=cpu",
+        "num_workers=0",
+        "mode=last",
+        "batch_size=7",
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (single / "index.csv").read_text() == index
     for f, t in expect.items():
@@ -144,7 +223,9 @@ def test_backend_follows_the_device_setting(monkeypatch):
 
 def rank_pid(parent, rank):
     """The pid of torchrun's worker process with the given RANK."""
-    for pid in subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split():
+    for pid in subprocess.run(
+        ["pgrep", "-P", str(parent)], capture_output=True, text=True
+    ).stdout.split():
         try:
             env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         except OSError:
@@ -159,29 +240,65 @@ def test_sigterm_to_one_rank_stops_both_and_resumes_exactly(tmp_path, demo_root)
     128+15 (none waits forever in a collective), and the resumed run equals an uninterrupted one."""
     import signal
     import time
-    args = ["train.py", "dataset=demo", "model=tiny", f"dataset.root={demo_root}", "train.epochs=3",
-            "train.batch_size=16", "train.num_workers=0", "train.log_every=1", "device=cpu",
-            "logger.wandb.mode=disabled"]
+
+    args = [
+        "train.py",
+        "dataset=demo",
+        "model=tiny",
+        f"dataset.root={demo_root}",
+        "train.epochs=3",
+        "train.batch_size=16",
+        "train.num_workers=0",
+        "train.log_every=1",
+        "device=cpu",
+        "logger.wandb.mode=disabled",
+    ]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
-    done = subprocess.run(torchrun + args + [f"hydra.run.dir={straight}"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        torchrun + args + [f"hydra.run.dir={straight}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    proc = subprocess.Popen(torchrun + args + [f"hydra.run.dir={stopped}"], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        torchrun + args + [f"hydra.run.dir={stopped}"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and "epoch 1 step 2 " not in (
-            (stopped / "train.log").read_text() if (stopped / "train.log").is_file() else ""):
+        (stopped / "train.log").read_text() if (stopped / "train.log").is_file() else ""
+    ):
         time.sleep(0.05)
     os.kill(rank_pid(proc.pid, 1), signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "exitcode  : 143" in err, err[-3000:]
     ckpt = torch.load(stopped / "model" / "last.pth", weights_only=True)
-    assert ckpt["epoch"] == 0 and ckpt["batch_in_epoch"] > 0 and "signal 15 received" in (stopped / "train.log").read_text()
-    resumed = subprocess.run(torchrun + ["train.py", f"resume={stopped}"], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=600)
+    assert (
+        ckpt["epoch"] == 0
+        and ckpt["batch_in_epoch"] > 0
+        and "signal 15 received" in (stopped / "train.log").read_text()
+    )
+    resumed = subprocess.run(
+        torchrun + ["train.py", f"resume={stopped}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = (torch.load(r / "model" / "last.pth", weights_only=True)["model"] for r in (straight, stopped))
+    a, b = (
+        torch.load(r / "model" / "last.pth", weights_only=True)["model"]
+        for r in (straight, stopped)
+    )
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)

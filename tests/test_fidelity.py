@@ -1,4 +1,5 @@
 """The project's test-split index reproduces the paper's public annotation files exactly."""
+
 import csv
 from pathlib import Path
 
@@ -9,8 +10,14 @@ from data.index import build_index
 
 # the paper's public annotation files: shared/ beside the checkout, or inside it
 _REPO = Path(__file__).resolve().parents[1]
-REFERENCE = next((p for p in (_REPO.parent / "shared" / "reference", _REPO / "shared" / "reference")
-                  if p.is_dir()), _REPO.parent / "shared" / "reference")
+REFERENCE = next(
+    (
+        p
+        for p in (_REPO.parent / "shared" / "reference", _REPO / "shared" / "reference")
+        if p.is_dir()
+    ),
+    _REPO.parent / "shared" / "reference",
+)
 
 
 def lay_out(root, ref_rows, seen_dirs):
@@ -26,10 +33,13 @@ def lay_out(root, ref_rows, seen_dirs):
                 (root / sub / f"seen_class_{i:03d}" / "x.jpg").touch()
 
 
-@pytest.mark.parametrize("name,csv_name,n_seen,seen_dirs", [
-    ("sketchy", "test_sketchy.csv", 104, ["sketch/tx_000000000000", "extended_photo"]),
-    ("tuberlin", "test_tuberlin.csv", 220, ["train/sketch", "train/photo"]),
-])
+@pytest.mark.parametrize(
+    "name,csv_name,n_seen,seen_dirs",
+    [
+        ("sketchy", "test_sketchy.csv", 104, ["sketch/tx_000000000000", "extended_photo"]),
+        ("tuberlin", "test_tuberlin.csv", 220, ["train/sketch", "train/photo"]),
+    ],
+)
 def test_test_split_matches_reference(tmp_path, name, csv_name, n_seen, seen_dirs):
     ref_file = REFERENCE / csv_name
     if not ref_file.is_file():
@@ -43,6 +53,8 @@ def test_test_split_matches_reference(tmp_path, name, csv_name, n_seen, seen_dir
     assert set(ours) == {r["img_path"] for r in ref}
     for r in ref:
         o = ours[r["img_path"]]
-        assert (o["text"], o["m1"], o["m2"]) == (r["text"], int(r["m1"]), int(r["m2"])), r["img_path"]
+        assert (o["text"], o["m1"], o["m2"]) == (r["text"], int(r["m1"]), int(r["m2"])), r[
+            "img_path"
+        ]
         # labels: seen classes 1..n_seen (sorted), unseen n_seen+1.. in split-file order
         assert o["label"] == int(r["label"]), r["img_path"]

@@ -1,4 +1,5 @@
 """Atomic writes, safe checkpoint loading, device choice."""
+
 import os
 import pickle
 
@@ -18,6 +19,7 @@ def test_failed_save_leaves_previous_file_intact(tmp_path, monkeypatch):
         with open(f, "wb") as fh:
             fh.write(b"half a checkpoint")
         raise KeyboardInterrupt("killed mid-save")
+
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
         save_torch({"w": torch.zeros(3)}, path)
@@ -63,7 +65,9 @@ def test_written_files_get_the_usual_permissions(tmp_path):
 def test_pick_device_explains_a_missing_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_device("auto").type == "cpu" and pick_device("cpu").type == "cpu"
-    with pytest.raises(UserError, match=r"device 'cuda' asked for, but PyTorch sees no CUDA GPU.*device=auto"):
+    with pytest.raises(
+        UserError, match=r"device 'cuda' asked for, but PyTorch sees no CUDA GPU.*device=auto"
+    ):
         pick_device("cuda")
     with pytest.raises(UserError, match=r"unknown device 'gpu'.*auto, cpu, cuda"):
         pick_device("gpu")

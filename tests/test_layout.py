@@ -1,5 +1,6 @@
 """The package layout of docs/layout.md: each package imports only the packages below it, and no
 module imports itself round a circle (imports inside functions included)."""
+
 import ast
 from pathlib import Path
 
@@ -31,8 +32,12 @@ def test_every_package_is_in_a_layer():
 
 
 def test_no_package_imports_a_package_above_it():
-    upward = [f"{m} imports {i}" for m, found in _imports().items() for i in found
-              if LAYERS.index(i.split(".")[0]) > LAYERS.index(m.split(".")[0])]
+    upward = [
+        f"{m} imports {i}"
+        for m, found in _imports().items()
+        for i in found
+        if LAYERS.index(i.split(".")[0]) > LAYERS.index(m.split(".")[0])
+    ]
     assert upward == []
 
 

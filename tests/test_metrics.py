@@ -1,4 +1,5 @@
 """The metric engine against a straightforward per-query reference written independently here."""
+
 import math
 import sys
 
@@ -46,7 +47,7 @@ def reference(q, g, ql, gl, cut=200, ks=(100, 200)):
         out["ap_cut"].append(voc(rel[:cut], min(cut, npos)))
         out["ap_plain"].append(plain(rel, npos))
         out["ap_plain_cut"].append(plain(rel[:cut], min(cut, npos)))
-        out["p"].append([sum(rel[:min(k, npos)]) / min(k, npos) for k in ks])
+        out["p"].append([sum(rel[: min(k, npos)]) / min(k, npos) for k in ks])
         out["p_hits"].append([sum(rel[:k]) / k for k in ks])
     return {k: np.array(v, dtype=float) for k, v in out.items()}
 
@@ -70,17 +71,35 @@ def random_case(seed, nq=37, ng=230, d=8, n_cls=6, ties=True):
 def test_engine_matches_reference(seed, chunk, ranker):
     q, g, ql, gl = random_case(seed)
     ref = reference(q.astype(np.float64), g.astype(np.float64), ql, gl, cut=50, ks=(20, 300))
-    got, top = retrieval_metrics(q, g, ql, gl, chunk_size=chunk, protocols=("default", "hits_over_k", "noninterp"),
-                                 ap_cut=50, ks=(20, 300), topk=10, progress=False)
+    got, top = retrieval_metrics(
+        q,
+        g,
+        ql,
+        gl,
+        chunk_size=chunk,
+        protocols=("default", "hits_over_k", "noninterp"),
+        ap_cut=50,
+        ks=(20, 300),
+        topk=10,
+        progress=False,
+    )
     assert np.isnan(ref["ap"]).any()  # some queries have no relevant photo
     np.testing.assert_allclose(got["default/AP@all"], ref["ap"], atol=1e-6, equal_nan=True)
     np.testing.assert_allclose(got["default/AP@50"], ref["ap_cut"], atol=1e-6, equal_nan=True)
     np.testing.assert_allclose(got["default/P@20"], ref["p"][:, 0], atol=1e-6, equal_nan=True)
-    np.testing.assert_allclose(got["default/P@300"], ref["p"][:, 1], atol=1e-6, equal_nan=True)  # k > gallery
-    np.testing.assert_allclose(got["hits_over_k/P@20"], ref["p_hits"][:, 0], atol=1e-6, equal_nan=True)
-    np.testing.assert_allclose(got["hits_over_k/P@300"], ref["p_hits"][:, 1], atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(
+        got["default/P@300"], ref["p"][:, 1], atol=1e-6, equal_nan=True
+    )  # k > gallery
+    np.testing.assert_allclose(
+        got["hits_over_k/P@20"], ref["p_hits"][:, 0], atol=1e-6, equal_nan=True
+    )
+    np.testing.assert_allclose(
+        got["hits_over_k/P@300"], ref["p_hits"][:, 1], atol=1e-6, equal_nan=True
+    )
     np.testing.assert_allclose(got["noninterp/AP@all"], ref["ap_plain"], atol=1e-6, equal_nan=True)
-    np.testing.assert_allclose(got["noninterp/AP@50"], ref["ap_plain_cut"], atol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(
+        got["noninterp/AP@50"], ref["ap_plain_cut"], atol=1e-6, equal_nan=True
+    )
     sims = q @ g.T
     for i in range(len(q)):
         expect = sorted(range(len(g)), key=lambda j: (-sims[i, j], j))[:10]
@@ -88,7 +107,8 @@ def test_engine_matches_reference(seed, chunk, ranker):
 
 
 def sorted_ranks(sims, relevant):
-    """1-based ranks of the relevant columns in each row, by a plain sort on (-similarity, index)."""
+    """1-based ranks of the relevant columns in each row, by a plain sort on (-similarity,
+    index)."""
     out = []
     for row in sims.tolist():
         order = sorted(range(len(row)), key=lambda j: (-row[j], j))
@@ -104,7 +124,10 @@ def test_both_rankers_place_every_relevant_photo_exactly(kind):
     relevant."""
     rng = np.random.default_rng(["normal", "ties", "zeros", "extremes"].index(kind))
     for case in range(40):
-        n, g = int(rng.integers(1, 6)), int(rng.integers(1, 4) if case < 10 else rng.integers(4, 200))
+        n, g = (
+            int(rng.integers(1, 6)),
+            int(rng.integers(1, 4) if case < 10 else rng.integers(4, 200)),
+        )
         p = int(rng.integers(1, g + 1)) if case % 5 else g
         if kind == "normal":
             s = rng.normal(size=(n, g))
@@ -127,7 +150,9 @@ def test_cpu_engine_ranks_with_the_kernel_in_threads(monkeypatch):
     q, g, ql, gl = random_case(3, nq=120, ng=500)
     calls = []
     real = rank_kernel.hit_ranks
-    monkeypatch.setattr(rank_kernel, "hit_ranks", lambda s, r: calls.append(s.shape[0]) or real(s, r))
+    monkeypatch.setattr(
+        rank_kernel, "hit_ranks", lambda s, r: calls.append(s.shape[0]) or real(s, r)
+    )
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -153,6 +178,7 @@ def test_kernel_without_a_writable_cache_folder_compiles_per_process(monkeypatch
         if kwargs.get("cache"):
             raise RuntimeError("cannot cache function '_rank_rows': no locator available")
         return real(*args, **kwargs)
+
     monkeypatch.setattr(numba, "njit", no_locator)
     rank_kernel.kernel.cache_clear()
     try:
@@ -180,8 +206,16 @@ def test_hand_computed_case():
     sims = [0.9, 0.8, 0.7, 0.8]
     g = np.array([[s, math.sqrt(1 - s * s)] for s in sims])
     gl = np.array([0, 1, 1, 0])
-    got, top = retrieval_metrics(q, g, np.array([1]), gl, ap_cut=2, ks=(1, 3), progress=False,
-                                 protocols=("default", "hits_over_k", "noninterp"))
+    got, top = retrieval_metrics(
+        q,
+        g,
+        np.array([1]),
+        gl,
+        ap_cut=2,
+        ks=(1, 3),
+        progress=False,
+        protocols=("default", "hits_over_k", "noninterp"),
+    )
     # ranking by (-sim, index): 0, 1, 3, 2 -> relevance 0, 1, 0, 1; precision 0, 1/2, 1/3, 1/2
     # interpolated precision at the hits: max(1/2, 1/3, 1/2) = 1/2 and 1/2 -> AP = (1/2 + 1/2) / 2
     assert top[0].tolist() == [0, 1, 3, 2]
@@ -201,7 +235,9 @@ def test_noninterp_ap_matches_sklearn():
     for i in range(len(q)):
         rel = gl == ql[i]
         if rel.any():
-            assert got["noninterp/AP@all"][i] == pytest.approx(average_precision_score(rel, sims[i]), abs=1e-6)
+            assert got["noninterp/AP@all"][i] == pytest.approx(
+                average_precision_score(rel, sims[i]), abs=1e-6
+            )
         else:
             assert math.isnan(got["noninterp/AP@all"][i])
 
@@ -209,7 +245,10 @@ def test_noninterp_ap_matches_sklearn():
 def test_summary_skips_nan_and_per_class():
     per_query = {"default/AP@all": np.array([0.5, math.nan, 1.0])}
     assert summarize(per_query)["default/AP@all"] == pytest.approx(0.75)
-    assert per_class(np.array([0.5, 1.0, 0.2, math.nan]), np.array([3, 3, 4, 4])) == {3: 0.75, 4: 0.2}
+    assert per_class(np.array([0.5, 1.0, 0.2, math.nan]), np.array([3, 3, 4, 4])) == {
+        3: 0.75,
+        4: 0.2,
+    }
 
 
 def test_non_finite_embeddings_are_refused():
@@ -231,7 +270,7 @@ def test_kernel_refuses_a_gallery_beyond_its_int32_buckets():
     """2 buckets a photo, numbered in int32: from 2^30 photos the relevant photos' marker (bucket
     2G) wrapped to a negative index, read as another bucket: wrong ranks, silently. A row of 2^30
     equal similarities, expanded from one number, costs no memory."""
-    sims = torch.zeros(1, 1).expand(1, 2 ** 30)
+    sims = torch.zeros(1, 1).expand(1, 2**30)
     with pytest.raises(ValueError, match="1,073,741,824 photos.*at most 1,073,741,823"):
         rank_kernel.hit_ranks(sims, torch.tensor([0, 5]))
 
@@ -243,7 +282,9 @@ def test_without_the_kernel_the_torch_ranking_gives_the_same_numbers(how, monkey
     q, g, ql, gl = random_case(5)
     with_kernel = retrieval_metrics(q, g, ql, gl, chunk_size=16, progress=False)
     if how == "numba missing":
-        monkeypatch.setitem(sys.modules, "numba", None)   # `from numba import njit` raises ImportError
+        monkeypatch.setitem(
+            sys.modules, "numba", None
+        )  # `from numba import njit` raises ImportError
     else:
         monkeypatch.setenv("MA_SBIR_NO_NUMBA", "1")
     rank_kernel.kernel.cache_clear()

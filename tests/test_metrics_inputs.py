@@ -1,5 +1,8 @@
-"""The metric engine on hostile inputs: labels of any kind, mismatched shapes, numpy views, degenerate
-galleries across both rankers and 1-3 threads, and an error or Ctrl-C inside one block of the pool."""
+"""The metric engine on hostile inputs: labels of any kind, mismatched shapes, numpy views,
+degenerate
+galleries across both rankers and 1-3 threads, and an error or Ctrl-C inside one block of the
+pool."""
+
 import os
 import signal
 import time
@@ -25,7 +28,9 @@ def threads():
 
 
 def run(q, g, ql, gl, **kw):
-    return retrieval_metrics(q, g, ql, gl, protocols=ALL, ap_cut=20, ks=(5, 50), progress=False, **kw)
+    return retrieval_metrics(
+        q, g, ql, gl, protocols=ALL, ap_cut=20, ks=(5, 50), progress=False, **kw
+    )
 
 
 def assert_same(a, b):
@@ -38,24 +43,30 @@ def assert_same(a, b):
 
 I64 = np.iinfo(np.int64)
 LABELS = {
-    "strings": lambda l: np.array([f"class {x}" for x in l]),
-    "a list of str": lambda l: [f"c{x}" for x in l],
-    "fractions": lambda l: l / 10,   # 0.1, 0.2, ...: int() would merge them
-    "negative": lambda l: -l - 1,
-    "int64 extremes": lambda l: np.where(l % 2, I64.max - l, I64.min + l),
-    "torch": lambda l: torch.tensor(l),
+    "strings": lambda lab: np.array([f"class {x}" for x in lab]),
+    "a list of str": lambda lab: [f"c{x}" for x in lab],
+    "fractions": lambda lab: lab / 10,  # 0.1, 0.2, ...: int() would merge them
+    "negative": lambda lab: -lab - 1,
+    "int64 extremes": lambda lab: np.where(lab % 2, I64.max - lab, I64.min + lab),
+    "torch": lambda lab: torch.tensor(lab),
 }
 
 
 @pytest.mark.parametrize("q_kind, g_kind", [("int", "str"), ("mixed", "mixed"), ("none", "int")])
 def test_labels_of_kinds_that_cannot_match_are_refused(q_kind, g_kind):
-    """Integer query labels against string gallery labels (numpy would turn 1 into "1" and match them);
+    """Integer query labels against string gallery labels (numpy would turn 1 into "1" and match
+    them);
     an object array mixing 1 and "1", or holding None, cannot be ordered: both refused, named.
     An object array of plain ints (from pandas, say) ranks as the ints."""
     q, g, ql, gl = random_case(0)
-    as_kind = {"int": lambda l: l.astype(np.int64), "str": lambda l: l.astype(str),
-               "mixed": lambda l: np.array([int(x) if i % 2 else str(x) for i, x in enumerate(l)], dtype=object),
-               "none": lambda l: np.array([None] + list(l[1:]), dtype=object)}
+    as_kind = {
+        "int": lambda lab: lab.astype(np.int64),
+        "str": lambda lab: lab.astype(str),
+        "mixed": lambda lab: np.array(
+            [int(x) if i % 2 else str(x) for i, x in enumerate(lab)], dtype=object
+        ),
+        "none": lambda lab: np.array([None] + list(lab[1:]), dtype=object),
+    }
     with pytest.raises(ValueError, match="labels of mixed kinds.*give labels of one kind"):
         run(q, g, as_kind[q_kind](ql), as_kind[g_kind](gl))
     assert_same(run(q, g, ql.astype(object), gl), run(q, g, ql, gl))
@@ -65,18 +76,26 @@ def test_labels_of_kinds_that_cannot_match_are_refused(q_kind, g_kind):
 @pytest.mark.usefixtures("ranker")
 def test_labels_of_any_kind_rank_as_integer_labels(kind):
     q, g, ql, gl = random_case(4)
-    assert_same(run(q, g, LABELS[kind](ql), LABELS[kind](gl), chunk_size=8), run(q, g, ql, gl, chunk_size=8))
+    assert_same(
+        run(q, g, LABELS[kind](ql), LABELS[kind](gl), chunk_size=8), run(q, g, ql, gl, chunk_size=8)
+    )
 
 
-@pytest.mark.parametrize("case", ["short queries", "long queries", "short gallery", "long gallery", "2-D"])
+@pytest.mark.parametrize(
+    "case", ["short queries", "long queries", "short gallery", "long gallery", "2-D"]
+)
 def test_labels_that_do_not_match_the_embeddings_are_refused(case, threads):
     """One label per row, or a clear error: a short query label list used to leave queries
     silently unranked (NaN) on two threads."""
     threads(2)
     q, g, ql, gl = random_case(0)
-    ql, gl = {"short queries": (ql[:-3], gl), "long queries": (np.r_[ql, 1], gl),
-              "short gallery": (ql, gl[:-3]), "long gallery": (ql, np.r_[gl, gl]),
-              "2-D": (ql[:, None], gl[:, None])}[case]
+    ql, gl = {
+        "short queries": (ql[:-3], gl),
+        "long queries": (np.r_[ql, 1], gl),
+        "short gallery": (ql, gl[:-3]),
+        "long gallery": (ql, np.r_[gl, gl]),
+        "2-D": (ql[:, None], gl[:, None]),
+    }[case]
     with pytest.raises(ValueError, match=r"labels of shape .*one label per row"):
         run(q, g, ql, gl)
 
@@ -94,7 +113,9 @@ def test_embeddings_of_other_shapes_are_refused():
     q, g, ql, gl = random_case(0)
     with pytest.raises(ValueError, match=r"queries have 8 dimensions but the gallery photos 4"):
         run(q, g[:, :4], ql, gl)
-    with pytest.raises(ValueError, match=r"queries must be a 2-D array \[n, dim\], got shape \(8,\)"):
+    with pytest.raises(
+        ValueError, match=r"queries must be a 2-D array \[n, dim\], got shape \(8,\)"
+    ):
         run(q[0], g, ql[:1], gl)
 
 
@@ -114,11 +135,29 @@ def degenerate_cases():
     rng = np.random.default_rng(7)
     ql, gl = rng.integers(0, 3, 9), rng.integers(0, 3, 40)
     unit = rng.normal(size=(9, 4)).astype(np.float32)
-    sub = np.float32(1e-45)   # the smallest subnormal
+    sub = np.float32(1e-45)  # the smallest subnormal
     yield "all equal", np.ones((9, 4), np.float32), np.ones((40, 4), np.float32), ql, gl
-    yield "duplicate rows", unit, np.repeat(rng.normal(size=(4, 4)).astype(np.float32), 10, 0), ql, gl
-    yield "subnormal", np.ones((9, 1), np.float32), (rng.integers(-3, 4, (40, 1)) * sub).astype(np.float32), ql, gl
-    yield "signed zeros", np.ones((9, 1), np.float32), rng.choice([-0.0, 0.0], (40, 1)).astype(np.float32), ql, gl
+    yield (
+        "duplicate rows",
+        unit,
+        np.repeat(rng.normal(size=(4, 4)).astype(np.float32), 10, 0),
+        ql,
+        gl,
+    )
+    yield (
+        "subnormal",
+        np.ones((9, 1), np.float32),
+        (rng.integers(-3, 4, (40, 1)) * sub).astype(np.float32),
+        ql,
+        gl,
+    )
+    yield (
+        "signed zeros",
+        np.ones((9, 1), np.float32),
+        rng.choice([-0.0, 0.0], (40, 1)).astype(np.float32),
+        ql,
+        gl,
+    )
     extremes = rng.choice([-1e18, 1e-30, 1e18, -1e-38, 0.0], (40, 1)).astype(np.float32)
     yield "large and small", np.ones((9, 1), np.float32), extremes, ql, gl
     yield "gallery of 1", unit, unit[:1], ql, np.array([1])
@@ -136,7 +175,9 @@ def test_degenerate_galleries_bit_for_bit_across_rankers_and_threads(case, threa
     ref = reference(q.astype(np.float64), g.astype(np.float64), ql, gl, cut=20, ks=(5, 50))
     results = []
     for use_kernel in (True, False):
-        monkeypatch.setattr(rank_kernel, "kernel", rank_kernel.kernel if use_kernel else (lambda: None))
+        monkeypatch.setattr(
+            rank_kernel, "kernel", rank_kernel.kernel if use_kernel else (lambda: None)
+        )
         for n in (1, 2, 3):
             threads(n)
             results.append(run(q, g, ql, gl, chunk_size=4))
@@ -144,7 +185,9 @@ def test_degenerate_galleries_bit_for_bit_across_rankers_and_threads(case, threa
     got = results[0][0]
     if len(q):
         np.testing.assert_allclose(got["default/AP@all"], ref["ap"], atol=1e-12, equal_nan=True)
-        np.testing.assert_allclose(got["noninterp/AP@20"], ref["ap_plain_cut"], atol=1e-12, equal_nan=True)
+        np.testing.assert_allclose(
+            got["noninterp/AP@20"], ref["ap_plain_cut"], atol=1e-12, equal_nan=True
+        )
         np.testing.assert_allclose(got["default/P@5"], ref["p"][:, 0], atol=1e-12, equal_nan=True)
     for other in results[1:]:
         assert_same(other, results[0])
@@ -161,6 +204,7 @@ def slow_failing_ranker(monkeypatch, fail):
             fail()
         time.sleep(0.01)
         return real(sims, relevant)
+
     monkeypatch.setattr(rank_kernel, "hit_ranks", ranks)
     return seen
 
@@ -173,15 +217,19 @@ def press_ctrl_c():
     os.kill(os.getpid(), signal.SIGINT)
 
 
-@pytest.mark.parametrize("fail, error", [(raise_error, RuntimeError), (press_ctrl_c, KeyboardInterrupt)])
-def test_an_error_or_ctrl_c_in_one_block_stops_the_pool_and_restores_threads(fail, error, threads, monkeypatch):
+@pytest.mark.parametrize(
+    "fail, error", [(raise_error, RuntimeError), (press_ctrl_c, KeyboardInterrupt)]
+)
+def test_an_error_or_ctrl_c_in_one_block_stops_the_pool_and_restores_threads(
+    fail, error, threads, monkeypatch
+):
     """Blocks run on one intra-op thread each; an exception (or Ctrl-C) in one cancels the blocks
     not yet started and torch's thread count comes back."""
     threads(2)
     q, g, ql, gl = random_case(2, nq=300, n_cls=3)
     seen = slow_failing_ranker(monkeypatch, fail)
     with pytest.raises(error):
-        run(q, g, ql, gl, chunk_size=2)   # one query a block: 300 blocks
+        run(q, g, ql, gl, chunk_size=2)  # one query a block: 300 blocks
     assert torch.get_num_threads() == 2
     assert set(seen) == {1} and len(seen) < 100
 
@@ -194,7 +242,7 @@ def test_two_overlapping_rankings_restore_torch_threads(threads):
     first.__enter__()
     second.__enter__()
     first.__exit__(None, None, None)
-    assert torch.get_num_threads() == 1   # the second is still ranking
+    assert torch.get_num_threads() == 1  # the second is still ranking
     second.__exit__(None, None, None)
     assert torch.get_num_threads() == 2
 
@@ -205,8 +253,13 @@ def test_the_numbers_do_not_depend_on_threads_or_chunk_size(n_threads, chunk, th
     larger one; blocks of that size (a small chunk, a tail of 1-3 queries) changed some ranks of
     near-tied photos, so the numbers depended on the machine's thread count."""
     rng = np.random.default_rng(3)
-    q, g = (x / np.linalg.norm(x, axis=1, keepdims=True)
-            for x in (rng.standard_normal((301, 64), dtype=np.float32), rng.standard_normal((3000, 64), dtype=np.float32)))
+    q, g = (
+        x / np.linalg.norm(x, axis=1, keepdims=True)
+        for x in (
+            rng.standard_normal((301, 64), dtype=np.float32),
+            rng.standard_normal((3000, 64), dtype=np.float32),
+        )
+    )
     ql, gl = rng.integers(0, 5, 301), rng.integers(0, 5, 3000)
     threads(1)
     want = run(q, g, ql, gl, chunk_size=512)

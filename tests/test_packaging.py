@@ -1,4 +1,5 @@
 """pyproject.toml and the requirements files pin the same packages at the same versions."""
+
 import tomllib
 from pathlib import Path
 
