@@ -278,14 +278,14 @@ class ImageCache:
 
 def main(argv):
     """Build (or refresh and fully verify) the cache for every split of a dataset config."""
+    from data.geometry import transforms
     from data.index import make_splits
-    from model.backbone import build_model
     from runtime.logs import setup_logging
     from config.schema import compose_config
 
     setup_logging()
     cfg = compose_config("config-train", argv)
-    _, train_tf, eval_tf, _ = build_model(cfg.model)
+    train_tf, eval_tf = transforms(cfg.model.backbone, cfg.model.get("pretrained"))  # no weights
     splits = make_splits(cfg.dataset)
     base = cache_base(cfg.dataset.cache)[0]
     wanted = [(eval_tf, splits.train + splits.val + splits.test)]

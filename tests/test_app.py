@@ -54,6 +54,7 @@ def caption_score(caption):
     return float(caption.split(None, 2)[1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (apt-get install chromium)")
 def test_draw_and_search_in_a_real_browser(app):
     from playwright.sync_api import sync_playwright

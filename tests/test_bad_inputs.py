@@ -83,6 +83,7 @@ def test_data_check_reports_bombs_and_counts_every_split_when_training_is_empty(
     assert "the training split is empty" in text and "test: 1 classes, 3 photos, 2 sketches" in text
 
 
+@pytest.mark.slow
 def test_a_loader_worker_error_is_one_line(tmp_path, demo_root):
     data = folder_dataset(demo_root, tmp_path / "d", ("apple", "star", "house", "kite"), ("kite",))
     bad = data / "photo" / "star" / sorted(p.name for p in (data / "photo" / "star").iterdir())[0]
@@ -102,6 +103,7 @@ def splits_with(val_classes, val_rows):
     return Splits([], val_rows, [], [], val_classes, None, {})
 
 
+@pytest.mark.slow
 def test_validation_on_too_few_classes_falls_back_to_last(tmp_path, tiny_train_cfg):
     assert "fewer than 5" in validation_problem(splits_with(["a"], [(None, dict(cls="a", m1=0))]))
     rows = [(None, dict(cls=c, m1=m)) for c in "abcde" for m in (0, 1) if (c, m) != ("e", 1)]

@@ -51,6 +51,7 @@ def trainer(cfg, run):
     return Trainer(prepare(cfg, "train"), RunFolder(run).claim(), DistInfo())
 
 
+@pytest.mark.slow
 def test_training_from_the_cache_gives_the_weights_of_training_from_files(tmp_path, tiny_train_cfg, small_root):
     small = ("dataset.augment=false", f"dataset.root={small_root}", "train.batch_size=16")
     files = trainer(tiny_train_cfg(*small), tmp_path / "files")

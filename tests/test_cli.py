@@ -19,6 +19,7 @@ def run(*args, cwd=REPO):
     )
 
 
+@pytest.mark.slow
 def test_mistyped_config_key(tmp_path):
     p = run("train.py", "train.epoch=3", f"hydra.run.dir={tmp_path / 'r'}")
     assert p.returncode == 1 and "Could not override 'train.epoch'" in p.stderr
@@ -37,6 +38,7 @@ def test_mistyped_config_key(tmp_path):
         ("evaluate.py", "eval.generalized=maybe", "is not a valid bool"),
     ],
 )
+@pytest.mark.slow
 def test_a_wrong_type_stops_each_entry_point_at_composition(tmp_path, script, override, message):
     p = (
         run(script, override, "path=x", f"hydra.run.dir={tmp_path / 'r'}")
@@ -47,6 +49,7 @@ def test_a_wrong_type_stops_each_entry_point_at_composition(tmp_path, script, ov
     assert "Traceback" not in p.stderr and not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_missing_dataset_root_leaves_no_run_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("MA_SBIR_SKETCHY", raising=False)
     p = run(
@@ -63,6 +66,7 @@ def test_missing_dataset_root_leaves_no_run_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_infer_on_run_without_checkpoint(tmp_path):
     (tmp_path / "config.yaml").write_text("dataset: {test_idx: demo}\n")
     p = run("infer.py", f"path={tmp_path}")
@@ -91,6 +95,7 @@ def test_checkpoint_from_another_model_config_is_refused():
         )
 
 
+@pytest.mark.slow
 def test_infer_with_checkpoint_not_matching_its_config(tmp_path, demo_root):
     from model.backbone import build_model
 
@@ -110,6 +115,7 @@ def test_infer_with_checkpoint_not_matching_its_config(tmp_path, demo_root):
     assert not (tmp_path / "infer_output").exists()
 
 
+@pytest.mark.slow
 def test_folder_dataset_train_infer_evaluate_from_the_command_line(tmp_path, demo_root):
     """A user's own folder: after training, infer and evaluate need only path=<run>."""
     import json

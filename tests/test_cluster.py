@@ -90,6 +90,7 @@ def test_init_distributed_joins_the_group_a_slurm_job_describes(monkeypatch):
     assert os.environ.get("WORLD_SIZE") == before  # later tests train in this process
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep_of_two_process_trainings(tmp_path):
     """`-m seed=0,1` with 2 tasks a job: two jobs, each a 2-process gloo training."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")

@@ -241,6 +241,7 @@ def test_bad_checkpoint_is_one_error_line_and_leaves_no_run_folder(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_command_line_refuses_a_file_that_is_no_checkpoint(tmp_path):
     (tmp_path / "best.pth").write_bytes(b"not a checkpoint at all")
     proc = subprocess.run(
@@ -291,6 +292,7 @@ def test_missing_src_or_out_says_how_to_call_it(tmp_path, capsys):
     assert code == 1 and "best.pth: no such file" in errors[0] and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_the_conversion_benchmark_never_writes_into_a_users_folder(tmp_path):
     work = tmp_path / "work"
     work.mkdir()

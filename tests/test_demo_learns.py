@@ -6,6 +6,7 @@ Measured on 2 CPU cores, 2026-11-30 (README, "Demo result"), unseen mAP@all over
 - the same model untrained (learning rate ~0): 0.201 / 0.207 / 0.197 and 0.204 / 0.207 / 0.205;
 - chance 1/6. So chance + MARGIN lies between the best untrained (chance + 0.040) and the worst
   trained score (chance + 0.085). About 4 minutes on 2 cores: the suite's one long test."""
+import pytest
 import json
 
 from data.demo import generate
@@ -17,6 +18,7 @@ from tests.conftest import compose_cfg
 MARGIN = 0.065
 
 
+@pytest.mark.slow
 def test_the_demo_run_beats_chance_on_unseen_classes(tmp_path_factory):
     root = generate(tmp_path_factory.mktemp("demo") / "demo")  # the full demo dataset, as make demo
     run = tmp_path_factory.mktemp("demo_run") / "run"

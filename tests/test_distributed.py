@@ -80,6 +80,7 @@ def ddp_worker(rank, world, port, out):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_first_step_equals_single_process(tmp_path):
     out = str(tmp_path / "ddp.pt")
     mp.spawn(ddp_worker, args=(2, free_port(), out), nprocs=2, join=True)
@@ -104,6 +105,7 @@ def test_ddp_first_step_equals_single_process(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_torchrun_training_writes_one_checkpoint(tmp_path, demo_root):
     run = tmp_path / "run"
     cmd = [
@@ -133,6 +135,7 @@ def test_torchrun_training_writes_one_checkpoint(tmp_path, demo_root):
     assert "world size 2" in log and log.count("epoch 1 done") == 1
 
 
+@pytest.mark.slow
 def test_torchrun_sharded_inference_equals_one_process(tmp_path, demo_root):
     from pipeline.infer import infer
     from pipeline.train import train
@@ -235,6 +238,7 @@ def rank_pid(parent, rank):
     return None
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_and_resumes_exactly(tmp_path, demo_root):
     """SIGTERM reaches rank 1 only: both ranks agree at the next step, rank 0 saves, both exit
     128+15 (none waits forever in a collective), and the resumed run equals an uninterrupted one."""

@@ -35,6 +35,7 @@ def trained_run(tmp_path_factory, demo_root):
     return run, result
 
 
+@pytest.mark.slow
 def test_training_writes_checkpoints_log_and_config(trained_run):
     run, result = trained_run
     for name in ("model/best.pth", "model/last.pth", "train.log", "config.yaml"):
@@ -47,6 +48,7 @@ def test_training_writes_checkpoints_log_and_config(trained_run):
     assert history[-1]["loss"] <= LOSS_FALL * history[0]["loss"], [h["loss"] for h in history]
 
 
+@pytest.mark.slow
 def test_infer_then_evaluate(trained_run, demo_root):
     run, _ = trained_run
     out = infer(compose_cfg("config-infer", [f"path={run}", "device=cpu", "num_workers=0", "batch_size=50"]))
@@ -83,6 +85,7 @@ def test_infer_then_evaluate(trained_run, demo_root):
     assert not math.isnan(result["p@100"][0])
 
 
+@pytest.mark.slow
 def test_visual_report_lists_sampled_queries_and_existing_images(trained_run):
     import re
     run, _ = trained_run
@@ -105,6 +108,7 @@ def test_visual_report_lists_sampled_queries_and_existing_images(trained_run):
         assert grid.size[1] > 3 * 96
 
 
+@pytest.mark.slow
 def test_generalized_export_and_evaluation(trained_run):
     run, _ = trained_run
     out = infer(compose_cfg("config-infer", [f"path={run}", "device=cpu", "num_workers=0",

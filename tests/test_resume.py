@@ -14,6 +14,7 @@ def weights(run):
     return torch.load(run / "model" / "last.pth", weights_only=True)["model"]
 
 
+@pytest.mark.slow
 def test_resume_equals_straight_run(tmp_path, tiny_train_cfg):
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train(tiny_train_cfg("train.epochs=2"), straight)
@@ -28,6 +29,7 @@ def test_resume_equals_straight_run(tmp_path, tiny_train_cfg):
     assert "resumed from" in log and "epoch 2 done" in log
 
 
+@pytest.mark.slow
 def test_sigterm_saves_last_checkpoint_and_exits(tmp_path, tiny_train_cfg):
     run = tmp_path / "run"
 
@@ -52,6 +54,7 @@ def test_sigterm_saves_last_checkpoint_and_exits(tmp_path, tiny_train_cfg):
     assert result["history"][-1]["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_with_a_message_and_keeps_last_good(tmp_path, tiny_train_cfg, monkeypatch):
     run = tmp_path / "run"
     train(tiny_train_cfg(), run)
@@ -69,6 +72,7 @@ def test_nonfinite_loss_stops_with_a_message_and_keeps_last_good(tmp_path, tiny_
         assert torch.equal(v, good[k])
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_wandb_run(tmp_path, tiny_train_cfg, monkeypatch):
     wandb = pytest.importorskip("wandb")  # a declared dependency; optional at run time
     calls = []
@@ -93,6 +97,7 @@ def test_resume_continues_the_same_wandb_run(tmp_path, tiny_train_cfg, monkeypat
     assert calls[1]["resume"] == "allow" and calls[1]["dir"] == str(run)
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_with_workers_resumes_exactly(tmp_path, tiny_train_cfg):
     """Augmentation draws from (seed, epoch, sample index), so loader workers do not change the
     stream: SIGTERM in the middle of an epoch, then resume, equals a straight run."""
@@ -120,6 +125,7 @@ def test_sigterm_mid_epoch_with_workers_resumes_exactly(tmp_path, tiny_train_cfg
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=k)
 
 
+@pytest.mark.slow
 def test_a_stop_inside_an_accumulation_window_resumes_exactly(tmp_path, tiny_train_cfg, monkeypatch):
     """SIGTERM on the first micro-batch of a window: the run finishes the window, saves at its
     boundary, and the resumed run equals a straight one."""

@@ -30,6 +30,7 @@ def user_folder(path):
     return path
 
 
+@pytest.mark.slow
 def test_failed_start_keeps_a_users_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("MA_SBIR_SKETCHY", raising=False)
     p = user_folder(tmp_path / "p")
@@ -38,6 +39,7 @@ def test_failed_start_keeps_a_users_folder(tmp_path, monkeypatch):
     assert sorted(os.listdir(p)) == ["notes.txt"] and (p / "notes.txt").read_text() == "keep"
 
 
+@pytest.mark.slow
 def test_run_dir_dot_inside_a_clone_deletes_nothing(tmp_path, demo_root):
     clone = user_folder(tmp_path / "clone")
     (clone / ".git").mkdir()
@@ -47,6 +49,7 @@ def test_run_dir_dot_inside_a_clone_deletes_nothing(tmp_path, demo_root):
     assert sorted(os.listdir(clone)) == [".git", "notes.txt"] and (clone / ".git" / "HEAD").is_file()
 
 
+@pytest.mark.slow
 def test_failed_start_in_a_fresh_folder_leaves_no_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("MA_SBIR_SKETCHY", raising=False)
     r = train_cli("model=tiny", "dataset=sketchy", cwd=tmp_path)  # default outputs/<date>/<time>
@@ -54,6 +57,7 @@ def test_failed_start_in_a_fresh_folder_leaves_no_folder(tmp_path, monkeypatch):
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())
 
 
+@pytest.mark.slow
 def test_resume_into_another_folder_and_of_a_missing_folder(tmp_path, demo_root, tiny_train_cfg):
     run = tmp_path / "run"
     train(tiny_train_cfg(), run)
@@ -80,6 +84,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_keeps_its_files(tmp_
     assert (run / "config.yaml").read_text() == saved and sorted(os.listdir(run)) == [MARKER, "config.yaml", "train.log"]
 
 
+@pytest.mark.slow
 def test_new_run_in_a_finished_run_folder_is_refused(tmp_path, tiny_train_cfg):
     run = tmp_path / "run"
     train(tiny_train_cfg(), run)
@@ -89,6 +94,7 @@ def test_new_run_in_a_finished_run_folder_is_refused(tmp_path, tiny_train_cfg):
     assert (run / "model" / "last.pth").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_second_trainer_in_one_folder_is_told_who_holds_it(tmp_path, demo_root):
     holder = RunFolder(tmp_path / "c1").claim()
     try:
@@ -133,6 +139,7 @@ def test_full_disk_during_a_save_says_so_and_keeps_the_last_good_file(tmp_path, 
     assert os.listdir(tmp_path) == ["last.pth"]
 
 
+@pytest.mark.slow
 def test_disk_full_in_training_names_the_intact_checkpoint(tmp_path, tiny_train_cfg, monkeypatch):
     run = tmp_path / "run"
     train(tiny_train_cfg(), run)
@@ -199,6 +206,7 @@ def test_resume_ignores_group_choices_and_names_a_broken_config(tmp_path, tiny_t
         resume_config(run, [])
 
 
+@pytest.mark.slow
 def test_run_or_sweep_folder_on_a_users_files_is_refused_before_hydra_writes(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("keep")
@@ -212,6 +220,7 @@ def test_run_or_sweep_folder_on_a_users_files_is_refused_before_hydra_writes(tmp
     assert (sweep / "multirun.yaml").read_text() == "mine" and afile.read_text() == "keep"
 
 
+@pytest.mark.slow
 def test_a_sweep_whose_first_job_fails_to_start_leaves_nothing(tmp_path, monkeypatch):
     """Hydra writes multirun.yaml before any job runs; when the first job fails to start, the sweep
     folder it made goes again, but a sweep folder the user made beforehand stays."""

@@ -230,6 +230,7 @@ def test_query_image_with_transparency_is_flattened_on_white(tmp_path):
     assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((1, 1)) == (0, 0, 0)
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_query_and_exits_1(run, gallery, tmp_path):
     (tmp_path / "q.jpg").write_text("text, not pixels")
     proc = subprocess.run([sys.executable, "search.py", f"path={run}", f"gallery={gallery}",

@@ -10,6 +10,7 @@ from model.optim import lr_lambda
 from pipeline.train import train
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_takes_one_step_per_accum_batches(tmp_path, tiny_train_cfg):
     plain = train(tiny_train_cfg("train.batch_size=16"), tmp_path / "a")
     accum = train(tiny_train_cfg("train.batch_size=16", "train.accum_steps=2"), tmp_path / "b")
@@ -61,6 +62,7 @@ def test_warmup_then_constant_or_linear():
     assert g(0) == 0.25 and g(4) == 1.0 and g(7) == 0.5 and g(10) == 0.0
 
 
+@pytest.mark.slow
 def test_test_loss_selection_is_the_authors_and_is_labelled(tmp_path, tiny_train_cfg, monkeypatch):
     """train.select=test_loss keeps the epoch with the lowest weighted test-split loss (eval mode,
     fp32; ties go to the later epoch as in the authors' `<=`), and says so everywhere."""
