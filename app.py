@@ -1,5 +1,6 @@
 """Search a photo folder in the browser by drawing, uploading a sketch or typing words:
 python app.py path=<run> gallery=<folder> [port=7860]  (served on 127.0.0.1 only)"""
+
 import hydra
 
 from gallery.app import serve

@@ -1,4 +1,5 @@
 """Export embeddings of a run's test split: python infer.py path=<run> [mode=best|last]"""
+
 import hydra
 from hydra.core.hydra_config import HydraConfig
 

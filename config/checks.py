@@ -1,5 +1,6 @@
 """Value checks of config fields: each returns None for a good value, else what the value must be
 (config/schema.py attaches one to every field; config/entry.py reports them as one error)."""
+
 import math
 
 from omegaconf import OmegaConf
@@ -27,6 +28,7 @@ def integer(lo=None, hi=None, optional=False):
             return "a whole number"
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             return f"a whole number {_range(lo, hi)}"
+
     return check
 
 
@@ -34,12 +36,16 @@ def number(lo=None, hi=None, lo_open=False, hi_open=False, optional=False):
     def check(v):
         if v is None and optional:
             return None
-        bad = not _is_num(v) or (lo is not None and (v <= lo if lo_open else v < lo)) \
+        bad = (
+            not _is_num(v)
+            or (lo is not None and (v <= lo if lo_open else v < lo))
             or (hi is not None and (v >= hi if hi_open else v > hi))
+        )
         if bad:
             left = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
             right = "" if hi is None else (f"< {hi}" if hi_open else f"<= {hi}")
             return "a finite number " + " and ".join(x for x in (left, right) if x)
+
     return check
 
 
@@ -49,6 +55,7 @@ def one_of(*choices, optional=False):
             return None
         if isinstance(v, bool) or not isinstance(v, str) or v not in choices:
             return "one of " + ", ".join(map(str, choices))
+
     return check
 
 
@@ -58,6 +65,7 @@ def boolean(optional=False):
             return None
         if not isinstance(v, bool):
             return "true or false"
+
     return check
 
 
@@ -67,6 +75,7 @@ def text(optional=False):
             return None
         if not isinstance(v, (str, int)) or isinstance(v, bool) or v == "":
             return "a name or path"
+
     return check
 
 
@@ -76,6 +85,7 @@ def dataset_id(optional=False):
             return None
         if isinstance(v, bool) or not isinstance(v, (str, int)):
             return "a dataset index (0, 1, 2) or name"
+
     return check
 
 
@@ -96,8 +106,10 @@ def cache_setting(v):
 
 def roots(v):
     """dataset.root: a folder, or a mapping of dataset name -> folder (each may be null)."""
+
     def folder(x):
         return x is None or (isinstance(x, (str, int)) and not isinstance(x, bool) and x != "")
+
     if folder(v) or (OmegaConf.is_dict(v) and all(folder(x) for x in v.values())):
         return None
     return "a folder, or dataset.root.<sketchy|tuberlin|quickdraw>=<folder>"

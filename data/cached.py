@@ -1,6 +1,7 @@
 """Datasets that read the prepared image cache (data/cache.py): uint8 3 x H x W images, scaled and
 normalised later on the device (data.loader.model_input); images the cache does not hold are
 decoded from their files with the same pixel steps, so a batch is uniform either way."""
+
 import mmap
 from pathlib import Path
 
@@ -10,7 +11,16 @@ import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data.cache import DEFAULT_BASE, ImageCache, cache_base, cache_ops, decode, is_random, pixel_ops, root_dir
+from data.cache import (
+    DEFAULT_BASE,
+    ImageCache,
+    cache_base,
+    cache_ops,
+    decode,
+    is_random,
+    pixel_ops,
+    root_dir,
+)
 from data.loader import SketchPhotoDataset, sample_seed
 
 
@@ -18,8 +28,16 @@ class CachedDataset(Dataset):
     """Rows (root, annotation row) whose pixels come from memory-mapped cache shards.
     `augment`: the transform's random PIL steps, applied to each cached image (train only)."""
 
-    def __init__(self, rows, prompts, tables, stored_ops, augment=None, max_pixels=Image.MAX_IMAGE_PIXELS,
-                 seed=None):
+    def __init__(
+        self,
+        rows,
+        prompts,
+        tables,
+        stored_ops,
+        augment=None,
+        max_pixels=Image.MAX_IMAGE_PIXELS,
+        seed=None,
+    ):
         self.rows = rows
         self.max_pixels, self.seed, self.epoch = max_pixels, seed, 0
         self.prompt_ids = [prompts.id_of[r["text"]] for _, r in rows]
@@ -35,22 +53,30 @@ class CachedDataset(Dataset):
         where = self.where[i]
         if where is None:
             root, r = self.rows[i]
-            return torch.from_numpy(decode(Path(root) / r["img_path"], self.stored_ops, self.max_pixels)).permute(2, 0, 1)
+            return torch.from_numpy(
+                decode(Path(root) / r["img_path"], self.stored_ops, self.max_pixels)
+            ).permute(2, 0, 1)
         path, offset, h, w, c = where
         if path not in self.maps:  # opened lazily, so each loader worker maps its own
-            with open(path, "rb") as f:  # a private (copy-on-write) map: writable, the file untouched
+            with open(
+                path, "rb"
+            ) as f:  # a private (copy-on-write) map: writable, the file untouched
                 pages = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
             self.maps[path] = torch.frombuffer(pages, dtype=torch.uint8)
-        return self.maps[path][offset:offset + h * w * c].view(c, h, w)
+        return self.maps[path][offset : offset + h * w * c].view(c, h, w)
 
     def __getitem__(self, i):
         image = self.pixels(i)
         if self.augment is not None:  # drawing from the sample's own seed, as SketchPhotoDataset
-            pil = Image.fromarray(image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy())
+            pil = Image.fromarray(
+                image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).numpy()
+            )
             with torch.random.fork_rng(devices=[]):
                 if self.seed is not None:
                     torch.manual_seed(sample_seed(self.seed, self.epoch, i))
-                image = torch.from_numpy(np.array(self.augment(pil.convert("RGB")))).permute(2, 0, 1)
+                image = torch.from_numpy(np.array(self.augment(pil.convert("RGB")))).permute(
+                    2, 0, 1
+                )
         if image.shape[0] == 1:
             image = image.expand(3, -1, -1)
         _, r = self.rows[i]
@@ -66,8 +92,15 @@ def _all_ranks(pairs):
     return sorted(set().union(*parts))
 
 
-def image_dataset(rows, transform, prompts, setting=False, progress=True, max_pixels=Image.MAX_IMAGE_PIXELS,
-                  seed=None):
+def image_dataset(
+    rows,
+    transform,
+    prompts,
+    setting=False,
+    progress=True,
+    max_pixels=Image.MAX_IMAGE_PIXELS,
+    seed=None,
+):
     """The dataset of these rows: from the image cache where it holds them (building it first when
     dataset.cache asks for it), else SketchPhotoDataset decoding the files with `transform`."""
     base, build = cache_base(setting)
@@ -91,7 +124,9 @@ def image_dataset(rows, transform, prompts, setting=False, progress=True, max_pi
         tables[root] = cache.table()
     if not any(tables.values()):
         return SketchPhotoDataset(rows, transform, prompts, max_pixels, seed)
-    return CachedDataset(rows, prompts, tables, stored, ops if is_random(ops) else None, max_pixels, seed)
+    return CachedDataset(
+        rows, prompts, tables, stored, ops if is_random(ops) else None, max_pixels, seed
+    )
 
 
 def decodable(rows, base=DEFAULT_BASE):

@@ -5,6 +5,7 @@ class folders (a class with photos but no sketches or the reverse), empty classe
 images, unexpected file extensions, paths leaving the root. Exit code 1 when there are errors.
 `check.decode=false` skips decoding every image (the cheap part, which training runs first).
 """
+
 import sys
 from dataclasses import dataclass, field
 
@@ -25,7 +26,7 @@ from config.schema import dataset_defaults
 class Report:
     errors: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
-    counts: dict = field(default_factory=dict)   # split -> class -> [photos, sketches]
+    counts: dict = field(default_factory=dict)  # split -> class -> [photos, sketches]
 
 
 def count(rows):
@@ -46,10 +47,15 @@ def structure_problems(index, report):
             report.errors.append(f"{index.name}: class {cls!r} has no images (empty class folders)")
         elif photos == 0 or sketches == 0:
             missing = "photo" if photos == 0 else "sketch"
-            msg = f"{index.name}: class {cls!r} has no {missing} images (missing or empty {missing} folder)"
+            msg = (
+                f"{index.name}: class {cls!r} has no {missing} images "
+                f"(missing or empty {missing} folder)"
+            )
             (report.errors if cls in index.unseen else report.warnings).append(msg)
     for path in index.skipped:
-        report.warnings.append(f"{index.name}: unexpected file {index.root / path} (not an image; ignored)")
+        report.warnings.append(
+            f"{index.name}: unexpected file {index.root / path} (not an image; ignored)"
+        )
 
 
 def check_structure(splits):
@@ -66,12 +72,17 @@ def check_before_training(splits, n_mode):
     for w in report.warnings[:20]:
         log.warning(w)
     if report.errors:
-        raise UserError("the dataset check found problems:\n  " + "\n  ".join(report.errors)
-                        + "\nFix them (python -m data.check lists everything) and start again.")
+        raise UserError(
+            "the dataset check found problems:\n  "
+            + "\n  ".join(report.errors)
+            + "\nFix them (python -m data.check lists everything) and start again."
+        )
     used = max(max(r["m1"], r["m2"]) for _, r in splits.train + splits.val + splits.test)
     if used >= n_mode:
-        raise UserError(f"model.n_mode={n_mode}, but the data uses mode {used} (0 photo, 1 sketch, 3 text): "
-                        f"n_mode must be at least {used + 1}.")
+        raise UserError(
+            f"model.n_mode={n_mode}, but the data uses mode {used} (0 photo, 1 sketch, 3 text): "
+            f"n_mode must be at least {used + 1}."
+        )
 
 
 def decode_problems(rows, report, max_pixels, progress=True, cache=False):
@@ -92,17 +103,27 @@ def check_dataset(dcfg, decode=True, progress=True, need_test=True, select="auto
     except UserError as e:
         return Report(errors=[str(e)])
     report = check_structure(splits)
-    report.counts = {"train": count(splits.train), "val": count(splits.val), "test": count(splits.test)}
+    report.counts = {
+        "train": count(splits.train),
+        "val": count(splits.val),
+        "test": count(splits.test),
+    }
     if not splits.train:
-        report.errors.append("the training split is empty: check dataset.train_idx and the dataset root.")
+        report.errors.append(
+            "the training split is empty: check dataset.train_idx and the dataset root."
+        )
     problem = validation_problem(splits)
     if problem and select == "val_map":
         report.errors.append(f"train.select=val_map cannot work: {problem}")
     elif problem and splits.val_classes:
-        report.warnings.append(f"validation: {problem}; training selects best.pth as the last epoch")
+        report.warnings.append(
+            f"validation: {problem}; training selects best.pth as the last epoch"
+        )
     if decode:
         max_pixels = int(dcfg.max_image_pixels or Image.MAX_IMAGE_PIXELS)
-        decode_problems(splits.train + splits.val + splits.test, report, max_pixels, progress, dcfg.cache)
+        decode_problems(
+            splits.train + splits.val + splits.test, report, max_pixels, progress, dcfg.cache
+        )
     return report
 
 
@@ -141,4 +162,5 @@ def main(argv):
 
 if __name__ == "__main__":
     from runtime.errors import run_cli
+
     sys.exit(run_cli(main, sys.argv[1:]))

@@ -5,6 +5,7 @@ Generated deterministically on first use into an ignored cache folder, in the `f
 through the same loader path as real data. Photos are filled, coloured, textured objects on
 cluttered backgrounds; sketches are thin, wobbly, sometimes incomplete outlines on white.
 """
+
 import argparse
 import json
 import math
@@ -25,64 +26,189 @@ UNSEEN = ["kite", "sun", "bottle", "leaf", "tent", "cross"]
 
 
 def _circle(cx, cy, r, n=40, start=0.0, end=2 * math.pi):
-    return [(cx + r * math.cos(start + (end - start) * i / n),
-             cy + r * math.sin(start + (end - start) * i / n)) for i in range(n + 1)]
+    return [
+        (
+            cx + r * math.cos(start + (end - start) * i / n),
+            cy + r * math.sin(start + (end - start) * i / n),
+        )
+        for i in range(n + 1)
+    ]
 
 
 def _star(points, r_out, r_in):
-    return [((r_out if i % 2 == 0 else r_in) * math.sin(math.pi * i / points),
-             -(r_out if i % 2 == 0 else r_in) * math.cos(math.pi * i / points))
-            for i in range(2 * points + 1)]
+    return [
+        (
+            (r_out if i % 2 == 0 else r_in) * math.sin(math.pi * i / points),
+            -(r_out if i % 2 == 0 else r_in) * math.cos(math.pi * i / points),
+        )
+        for i in range(2 * points + 1)
+    ]
 
 
-# Each class: a list of closed polygons in [-1, 1]^2 (y down). Filled in photos, outlined in sketches.
+# Each class: a list of closed polygons in [-1, 1]^2 (y down). Filled in photos, outlined in
+# sketches.
 SHAPES = {
     "apple": [_circle(0, 0.1, 0.7), [(-0.05, -0.6), (0.05, -0.6), (0.1, -0.95), (0.0, -0.95)]],
     "star": [_star(5, 0.95, 0.4)],
     "house": [[(-0.7, 0.9), (0.7, 0.9), (0.7, -0.1), (0, -0.85), (-0.7, -0.1)]],
-    "moon": [_circle(0, 0, 0.85, start=0.5 * math.pi, end=1.5 * math.pi)
-             + _circle(-0.35, 0, 0.7, start=1.4 * math.pi, end=0.6 * math.pi)],
-    "heart": [[(16 * math.sin(t) ** 3 / 17, -(13 * math.cos(t) - 5 * math.cos(2 * t)
-               - 2 * math.cos(3 * t) - math.cos(4 * t)) / 17) for t in np.linspace(0, 2 * math.pi, 40)]],
+    "moon": [
+        _circle(0, 0, 0.85, start=0.5 * math.pi, end=1.5 * math.pi)
+        + _circle(-0.35, 0, 0.7, start=1.4 * math.pi, end=0.6 * math.pi)
+    ],
+    "heart": [
+        [
+            (
+                16 * math.sin(t) ** 3 / 17,
+                -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t))
+                / 17,
+            )
+            for t in np.linspace(0, 2 * math.pi, 40)
+        ]
+    ],
     "diamond": [[(0, -0.95), (0.6, 0), (0, 0.95), (-0.6, 0)]],
-    "arrow": [[(-0.9, -0.2), (0.2, -0.2), (0.2, -0.6), (0.9, 0), (0.2, 0.6), (0.2, 0.2), (-0.9, 0.2)]],
+    "arrow": [
+        [(-0.9, -0.2), (0.2, -0.2), (0.2, -0.6), (0.9, 0), (0.2, 0.6), (0.2, 0.2), (-0.9, 0.2)]
+    ],
     "hourglass": [[(-0.6, -0.9), (0.6, -0.9), (0.08, 0), (0.6, 0.9), (-0.6, 0.9), (-0.08, 0)]],
-    "egg": [[(0.6 * math.cos(t), (0.85 if math.sin(t) > 0 else 0.95) * math.sin(t))
-             for t in np.linspace(0, 2 * math.pi, 40)]],
-    "umbrella": [_circle(0, 0, 0.9, start=math.pi, end=2 * math.pi),
-                 [(-0.05, 0), (0.05, 0), (0.05, 0.8), (-0.25, 0.8), (-0.25, 0.7), (-0.05, 0.7)]],
-    "cup": [[(-0.6, -0.7), (0.5, -0.7), (0.35, 0.8), (-0.45, 0.8)],
-            [(0.45, -0.4), (0.85, -0.4), (0.85, 0.3), (0.4, 0.3), (0.42, 0.15), (0.7, 0.15),
-             (0.7, -0.25), (0.44, -0.25)]],
-    "fish": [[(0.9 * math.cos(t) - 0.15, 0.45 * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 30)],
-             [(-0.95, -0.5), (-0.6, 0), (-0.95, 0.5)]],
-    "key": [_circle(-0.5, 0, 0.35), [(-0.2, -0.08), (0.9, -0.08), (0.9, 0.3), (0.75, 0.3),
-                                     (0.75, 0.08), (0.55, 0.08), (0.55, 0.25), (0.4, 0.25),
-                                     (0.4, 0.08), (-0.2, 0.08)]],
-    "tree": [[(0, -0.95), (0.5, -0.3), (0.25, -0.3), (0.7, 0.4), (0.12, 0.4), (0.12, 0.95),
-              (-0.12, 0.95), (-0.12, 0.4), (-0.7, 0.4), (-0.25, -0.3), (-0.5, -0.3)]],
-    "bell": [[(-0.15, -0.9), (0.15, -0.9), (0.5, -0.3), (0.55, 0.5), (0.85, 0.7), (-0.85, 0.7),
-              (-0.55, 0.5), (-0.5, -0.3)], _circle(0, 0.8, 0.15)],
-    "lightning": [[(0.1, -0.95), (0.6, -0.95), (0.2, -0.15), (0.55, -0.15), (-0.35, 0.95),
-                   (-0.05, 0.1), (-0.4, 0.1)]],
+    "egg": [
+        [
+            (0.6 * math.cos(t), (0.85 if math.sin(t) > 0 else 0.95) * math.sin(t))
+            for t in np.linspace(0, 2 * math.pi, 40)
+        ]
+    ],
+    "umbrella": [
+        _circle(0, 0, 0.9, start=math.pi, end=2 * math.pi),
+        [(-0.05, 0), (0.05, 0), (0.05, 0.8), (-0.25, 0.8), (-0.25, 0.7), (-0.05, 0.7)],
+    ],
+    "cup": [
+        [(-0.6, -0.7), (0.5, -0.7), (0.35, 0.8), (-0.45, 0.8)],
+        [
+            (0.45, -0.4),
+            (0.85, -0.4),
+            (0.85, 0.3),
+            (0.4, 0.3),
+            (0.42, 0.15),
+            (0.7, 0.15),
+            (0.7, -0.25),
+            (0.44, -0.25),
+        ],
+    ],
+    "fish": [
+        [(0.9 * math.cos(t) - 0.15, 0.45 * math.sin(t)) for t in np.linspace(0, 2 * math.pi, 30)],
+        [(-0.95, -0.5), (-0.6, 0), (-0.95, 0.5)],
+    ],
+    "key": [
+        _circle(-0.5, 0, 0.35),
+        [
+            (-0.2, -0.08),
+            (0.9, -0.08),
+            (0.9, 0.3),
+            (0.75, 0.3),
+            (0.75, 0.08),
+            (0.55, 0.08),
+            (0.55, 0.25),
+            (0.4, 0.25),
+            (0.4, 0.08),
+            (-0.2, 0.08),
+        ],
+    ],
+    "tree": [
+        [
+            (0, -0.95),
+            (0.5, -0.3),
+            (0.25, -0.3),
+            (0.7, 0.4),
+            (0.12, 0.4),
+            (0.12, 0.95),
+            (-0.12, 0.95),
+            (-0.12, 0.4),
+            (-0.7, 0.4),
+            (-0.25, -0.3),
+            (-0.5, -0.3),
+        ]
+    ],
+    "bell": [
+        [
+            (-0.15, -0.9),
+            (0.15, -0.9),
+            (0.5, -0.3),
+            (0.55, 0.5),
+            (0.85, 0.7),
+            (-0.85, 0.7),
+            (-0.55, 0.5),
+            (-0.5, -0.3),
+        ],
+        _circle(0, 0.8, 0.15),
+    ],
+    "lightning": [
+        [
+            (0.1, -0.95),
+            (0.6, -0.95),
+            (0.2, -0.15),
+            (0.55, -0.15),
+            (-0.35, 0.95),
+            (-0.05, 0.1),
+            (-0.4, 0.1),
+        ]
+    ],
     "ring": [_circle(0, 0, 0.85), _circle(0, 0, 0.55)],
-    "envelope": [[(-0.9, -0.55), (0.9, -0.55), (0.9, 0.55), (-0.9, 0.55)],
-                 [(-0.9, -0.55), (0, 0.1), (0.9, -0.55)]],
-    "mushroom": [_circle(0, 0.05, 0.85, start=math.pi, end=2 * math.pi),
-                 [(-0.22, 0.05), (0.22, 0.05), (0.28, 0.9), (-0.28, 0.9)]],
-    "kite": [[(0, -0.95), (0.55, -0.3), (0, 0.6), (-0.55, -0.3)],
-             [(0, 0.6), (0.1, 0.75), (-0.1, 0.85), (0.05, 0.97)]],
-    "sun": [_circle(0, 0, 0.45)] + [[(0.55 * math.cos(a - 0.12), 0.55 * math.sin(a - 0.12)),
-                                      (0.95 * math.cos(a), 0.95 * math.sin(a)),
-                                      (0.55 * math.cos(a + 0.12), 0.55 * math.sin(a + 0.12))]
-                                     for a in np.linspace(0, 2 * math.pi, 9)[:-1]],
-    "bottle": [[(-0.3, 0.95), (0.3, 0.95), (0.3, -0.2), (0.1, -0.5), (0.1, -0.95), (-0.1, -0.95),
-                (-0.1, -0.5), (-0.3, -0.2)]],
-    "leaf": [[(0.9 * math.cos(t), 0.45 * math.sin(t) * (1 - 0.3 * math.cos(t)))
-              for t in np.linspace(0, 2 * math.pi, 30)], [(-0.9, 0), (-1.0, 0.1)]],
+    "envelope": [
+        [(-0.9, -0.55), (0.9, -0.55), (0.9, 0.55), (-0.9, 0.55)],
+        [(-0.9, -0.55), (0, 0.1), (0.9, -0.55)],
+    ],
+    "mushroom": [
+        _circle(0, 0.05, 0.85, start=math.pi, end=2 * math.pi),
+        [(-0.22, 0.05), (0.22, 0.05), (0.28, 0.9), (-0.28, 0.9)],
+    ],
+    "kite": [
+        [(0, -0.95), (0.55, -0.3), (0, 0.6), (-0.55, -0.3)],
+        [(0, 0.6), (0.1, 0.75), (-0.1, 0.85), (0.05, 0.97)],
+    ],
+    "sun": [_circle(0, 0, 0.45)]
+    + [
+        [
+            (0.55 * math.cos(a - 0.12), 0.55 * math.sin(a - 0.12)),
+            (0.95 * math.cos(a), 0.95 * math.sin(a)),
+            (0.55 * math.cos(a + 0.12), 0.55 * math.sin(a + 0.12)),
+        ]
+        for a in np.linspace(0, 2 * math.pi, 9)[:-1]
+    ],
+    "bottle": [
+        [
+            (-0.3, 0.95),
+            (0.3, 0.95),
+            (0.3, -0.2),
+            (0.1, -0.5),
+            (0.1, -0.95),
+            (-0.1, -0.95),
+            (-0.1, -0.5),
+            (-0.3, -0.2),
+        ]
+    ],
+    "leaf": [
+        [
+            (0.9 * math.cos(t), 0.45 * math.sin(t) * (1 - 0.3 * math.cos(t)))
+            for t in np.linspace(0, 2 * math.pi, 30)
+        ],
+        [(-0.9, 0), (-1.0, 0.1)],
+    ],
     "tent": [[(-0.9, 0.8), (0, -0.8), (0.9, 0.8)], [(-0.15, 0.8), (0, 0.3), (0.15, 0.8)]],
-    "cross": [[(-0.2, -0.9), (0.2, -0.9), (0.2, -0.2), (0.9, -0.2), (0.9, 0.2), (0.2, 0.2),
-               (0.2, 0.9), (-0.2, 0.9), (-0.2, 0.2), (-0.9, 0.2), (-0.9, -0.2), (-0.2, -0.2)]],
+    "cross": [
+        [
+            (-0.2, -0.9),
+            (0.2, -0.9),
+            (0.2, -0.2),
+            (0.9, -0.2),
+            (0.9, 0.2),
+            (0.2, 0.2),
+            (0.2, 0.9),
+            (-0.2, 0.9),
+            (-0.2, 0.2),
+            (-0.9, 0.2),
+            (-0.9, -0.2),
+            (-0.2, -0.2),
+        ]
+    ],
 }
 
 
@@ -92,8 +218,13 @@ def _transform(polys, rng, size, scale_range):
     dx, dy = rng.uniform(-0.12, 0.12, size=2) * size
     c, s = math.cos(angle), math.sin(angle)
     sx = scale * rng.uniform(0.85, 1.15)
-    return [[(size / 2 + dx + sx * (c * x - s * y), size / 2 + dy + scale * (s * x + c * y))
-             for x, y in poly] for poly in polys]
+    return [
+        [
+            (size / 2 + dx + sx * (c * x - s * y), size / 2 + dy + scale * (s * x + c * y))
+            for x, y in poly
+        ]
+        for poly in polys
+    ]
 
 
 def _random_color(rng, lo=0, hi=255):
@@ -156,7 +287,11 @@ def draw_sketch(cls, rng, size=SIZE):
         pts = _wobble(poly, rng, amp=0.6)
         if rng.random() < 0.3 and len(pts) > 12:  # an incomplete stroke
             cut = int(rng.integers(0, len(pts) - 6))
-            pts = np.concatenate([pts[cut + int(len(pts) * 0.2):], pts[:cut]]) if cut else pts[len(pts) // 5:]
+            pts = (
+                np.concatenate([pts[cut + int(len(pts) * 0.2) :], pts[:cut]])
+                if cut
+                else pts[len(pts) // 5 :]
+            )
         d.line([tuple(p) for p in pts], fill=int(rng.integers(0, 60)), width=width, joint="curve")
     return img.resize((size, size), Image.LANCZOS).convert("RGB")
 
@@ -164,15 +299,24 @@ def draw_sketch(cls, rng, size=SIZE):
 def generate(root=DEFAULT_ROOT, n_photo=40, n_sketch=40, seed=0):
     """Write the demo dataset under `root` unless an identical one is already there."""
     root = Path(root)
-    meta = dict(version=VERSION, n_photo=n_photo, n_sketch=n_sketch, seed=seed, size=SIZE,
-                classes=sorted(SHAPES), unseen=UNSEEN)
+    meta = dict(
+        version=VERSION,
+        n_photo=n_photo,
+        n_sketch=n_sketch,
+        seed=seed,
+        size=SIZE,
+        classes=sorted(SHAPES),
+        unseen=UNSEEN,
+    )
     meta_file = root / "demo.json"
     if meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
         return root
     if root.exists() and not meta_file.is_file() and (not root.is_dir() or any(root.iterdir())):
-        raise UserError(f"{root} is not empty and holds no demo dataset (no demo.json); the demo is never "
-                        f"written over other files. Give dataset.root a new or empty folder, or leave it "
-                        f"unset for .cache/demo.")
+        raise UserError(
+            f"{root} is not empty and holds no demo dataset (no demo.json); the demo is never "
+            f"written over other files. Give dataset.root a new or empty folder, or leave it "
+            f"unset for .cache/demo."
+        )
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     try:
@@ -189,8 +333,10 @@ def generate(root=DEFAULT_ROOT, n_photo=40, n_sketch=40, seed=0):
 def draw_all(tmp, n_photo, n_sketch, seed, meta):
     for k, cls in enumerate(sorted(SHAPES)):
         rng = np.random.default_rng([seed, k])
-        for sub, n, draw, ext in (("photo", n_photo, draw_photo, "jpg"),
-                                  ("sketch", n_sketch, draw_sketch, "png")):
+        for sub, n, draw, ext in (
+            ("photo", n_photo, draw_photo, "jpg"),
+            ("sketch", n_sketch, draw_sketch, "png"),
+        ):
             folder = tmp / sub / cls
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):

@@ -4,6 +4,7 @@ An annotation row is the seed's CSV row: img_path (relative to the dataset root)
 prompt), m1 (image mode: 0 photo, 1 sketch), m2 (text mode: 3), label (int class id), plus the
 class name (`cls`) kept in memory for splitting and reports.
 """
+
 import csv
 import os
 import re
@@ -33,30 +34,59 @@ class DatasetSpec:
 
 DATASETS = {
     "tuberlin": DatasetSpec(
-        "tuberlin", 0, "MA_SBIR_TUBERLIN", "a photo of {}.",
+        "tuberlin",
+        0,
+        "MA_SBIR_TUBERLIN",
+        "a photo of {}.",
         sketch_dirs=[["png"], ["sketches"], ["train/sketch", "test/sketch"]],
         photo_dirs=[["ImageResized"], ["images"], ["train/photo", "test/photo"]],
-        default_split="tuberlin_30"),
+        default_split="tuberlin_30",
+    ),
     "quickdraw": DatasetSpec(
-        "quickdraw", 1, "MA_SBIR_QUICKDRAW", "a photo of a {}.",
+        "quickdraw",
+        1,
+        "MA_SBIR_QUICKDRAW",
+        "a photo of a {}.",
         sketch_dirs=[["sketch"], ["sketches"], ["QuickDraw_sketches_final"]],
         photo_dirs=[["images"], ["QuickDraw_images_final"]],
-        default_split="quickdraw_30"),
+        default_split="quickdraw_30",
+    ),
     "sketchy": DatasetSpec(
-        "sketchy", 2, "MA_SBIR_SKETCHY", "a photo of a {}.",
+        "sketchy",
+        2,
+        "MA_SBIR_SKETCHY",
+        "a photo of a {}.",
         sketch_dirs=[["sketch/tx_000000000000"]],
         photo_dirs=[["extended_photo"], ["photo/tx_000000000000"]],
-        default_split="sketchy_21"),
+        default_split="sketchy_21",
+    ),
     "folder": DatasetSpec(
-        "folder", None, "MA_SBIR_FOLDER", "a photo of a {}.",
-        sketch_dirs=[["sketch"]], photo_dirs=[["photo"]]),
+        "folder",
+        None,
+        "MA_SBIR_FOLDER",
+        "a photo of a {}.",
+        sketch_dirs=[["sketch"]],
+        photo_dirs=[["photo"]],
+    ),
     "demo": DatasetSpec(
-        "demo", None, "MA_SBIR_DEMO", "a photo of a {}.",
-        sketch_dirs=[["sketch"]], photo_dirs=[["photo"]]),
+        "demo",
+        None,
+        "MA_SBIR_DEMO",
+        "a photo of a {}.",
+        sketch_dirs=[["sketch"]],
+        photo_dirs=[["photo"]],
+    ),
 }
-ALIASES = {"0": "tuberlin", "1": "quickdraw", "2": "sketchy", "tu-berlin": "tuberlin",
-           "tu_berlin": "tuberlin", "tuberlin-ext": "tuberlin", "sketchy-ext": "sketchy",
-           "quickdraw-ext": "quickdraw"}
+ALIASES = {
+    "0": "tuberlin",
+    "1": "quickdraw",
+    "2": "sketchy",
+    "tu-berlin": "tuberlin",
+    "tu_berlin": "tuberlin",
+    "tuberlin-ext": "tuberlin",
+    "sketchy-ext": "sketchy",
+    "quickdraw-ext": "quickdraw",
+}
 
 
 def resolve_name(idx):
@@ -66,7 +96,8 @@ def resolve_name(idx):
     if name not in DATASETS:
         raise UserError(
             f"unknown dataset {idx!r}. Use an index (0 = TU-Berlin-Ext, 1 = QuickDraw-Ext, "
-            f"2 = Sketchy-Ext) or a name: {', '.join(DATASETS)}.")
+            f"2 = Sketchy-Ext) or a name: {', '.join(DATASETS)}."
+        )
     return name
 
 
@@ -83,19 +114,23 @@ def resolve_root(name, root_cfg):
     root = root or os.environ.get(spec.env_var)
     if name == "demo":
         from data.demo import DEFAULT_ROOT, generate
+
         if not root:
             return generate(DEFAULT_ROOT)
         if not (Path(root) / "demo.json").is_file():
             return generate(root)  # first use of a custom demo location
     key = "dataset.root" if name in ("folder", "demo") else f"dataset.root.{name}"
     if not root:
-        raise UserError(f"no root folder given for dataset {name!r}. Pass {key}=/path/to/data "
-                        f"on the command line or set {spec.env_var}.")
+        raise UserError(
+            f"no root folder given for dataset {name!r}. Pass {key}=/path/to/data "
+            f"on the command line or set {spec.env_var}."
+        )
     root = Path(os.path.expanduser(str(root)))
     if not root.is_dir():
         raise UserError(
             f"dataset root {root} for {name!r} does not exist or is not a folder. Fix "
-            f"{key}=... (or {spec.env_var}) to point at the unpacked download.")
+            f"{key}=... (or {spec.env_var}) to point at the unpacked download."
+        )
     return root
 
 
@@ -158,13 +193,15 @@ def pick_layout(root, alternatives, what, name):
     tried = " or ".join("+".join(alt) for alt in alternatives)
     raise UserError(
         f"{root} does not look like {name}: no {what} folder found (looked for {tried}). "
-        f"Point dataset.root.{name} at the folder that holds them, as unpacked from the download.")
+        f"Point dataset.root.{name} at the folder that holds them, as unpacked from the download."
+    )
 
 
 @dataclass
 class Scan:
     """What a layout scan found: class -> {mode: [relative paths]} (classes keyed by match_key,
     `names` holds each one's folder spelling), and the files skipped."""
+
     images: dict
     names: dict
     skipped: list
@@ -173,7 +210,10 @@ class Scan:
 def scan_layout(name, root):
     spec = DATASETS[name]
     images, names, skipped = {}, {}, []
-    for mode, alts, what in ((PHOTO, spec.photo_dirs, "photo"), (SKETCH, spec.sketch_dirs, "sketch")):
+    for mode, alts, what in (
+        (PHOTO, spec.photo_dirs, "photo"),
+        (SKETCH, spec.sketch_dirs, "sketch"),
+    ):
         for folder in pick_layout(root, alts, what, name):
             for cls_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
                 key = match_key(cls_dir.name)
@@ -195,7 +235,8 @@ def safe_relpath(root, rel, where):
     if p.is_absolute() or ".." in p.parts:
         raise UserError(
             f"{where}: image path {rel!r} leaves the dataset root {root}. Paths in annotation "
-            f"files must be relative to the root, without '..'; fix the row or move the image.")
+            f"files must be relative to the root, without '..'; fix the row or move the image."
+        )
     return p.as_posix()
 
 
@@ -216,15 +257,27 @@ def read_annotation_csv(path, root, skip_missing=False):
             try:
                 m1, m2, label = int(r["m1"]), int(r["m2"]), int(r["label"])
             except ValueError:
-                raise UserError(f"{path} line {i}: m1, m2 and label must be integers, got "
-                                f"{r['m1']!r}, {r['m2']!r}, {r['label']!r}.") from None
+                raise UserError(
+                    f"{path} line {i}: m1, m2 and label must be integers, got "
+                    f"{r['m1']!r}, {r['m2']!r}, {r['label']!r}."
+                ) from None
             if not (Path(root) / rel).is_file():
                 if not skip_missing:
-                    raise UserError(f"{path} line {i}: image {Path(root) / rel} does not exist. Fix the "
-                                    f"row or dataset.root, or set dataset.on_bad_image=skip to leave "
-                                    f"such rows out.")
+                    raise UserError(
+                        f"{path} line {i}: image {Path(root) / rel} does not exist. Fix the "
+                        f"row or dataset.root, or set dataset.on_bad_image=skip to leave "
+                        f"such rows out."
+                    )
                 missing_files.append(rel)
                 continue
-            rows.append(dict(img_path=rel, text=r["text"], m1=m1, m2=m2, label=label,
-                             cls=class_key(Path(rel).parent.name)))
+            rows.append(
+                dict(
+                    img_path=rel,
+                    text=r["text"],
+                    m1=m1,
+                    m2=m2,
+                    label=label,
+                    cls=class_key(Path(rel).parent.name),
+                )
+            )
     return rows, missing_files

@@ -1,4 +1,5 @@
 """The training sampler: each rank's share of a seeded per-epoch order, resumable mid-epoch."""
+
 import itertools
 
 import torch
@@ -10,8 +11,9 @@ class ResumableSampler(torch.utils.data.Sampler):
     epoch, for exact resume. shuffle=False keeps the dataset order (the authors' loader)."""
 
     def __init__(self, dataset, seed, rank=0, world=1, shuffle=True):
-        self.base = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle,
-                                       seed=seed, drop_last=world > 1)
+        self.base = DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=world > 1
+        )
         self.start = 0
 
     def set_epoch(self, epoch, start=0):

@@ -1,5 +1,6 @@
 """The search web app: draw on a canvas, upload a sketch or type words, press Search, see the
 top-k photos of a gallery with their scores. Served by gradio on 127.0.0.1 only."""
+
 import os
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def make_handler(searcher, save_queries=None):
     """The function behind the Search button: (source, drawing, upload, upload_modality, text,
     query_mode, k) -> (gallery items, status markdown). A drawing is a sketch; an upload is what
     upload_modality says (sketch or photo), as query_modality for search.py's query=."""
+
     def run(source, drawing, upload, upload_modality, text, query_mode, k):
         try:
             if source not in SOURCES:
@@ -48,24 +50,37 @@ def make_handler(searcher, save_queries=None):
             raise gr.Error(str(e)) from None
         items = [(str(h.file), f"{h.rank}. {h.score:.3f}  {h.path}") for h in hits]
         return items, _status(searcher, what, query_mode, hits)
+
     return run
 
 
 def _status(searcher, what, query_mode, hits):
     g = searcher.gallery
-    lines = [f"Top {len(hits)} of {len(g.paths)} photos under `{g.root}` for {what} ({query_mode} query).", "",
-             "| rank | score | photo |", "|---:|---:|---|"]
+    lines = [
+        f"Top {len(hits)} of {len(g.paths)} photos under `{g.root}` for {what} ({query_mode} "
+        f"query).",
+        "",
+        "| rank | score | photo |",
+        "|---:|---:|---|",
+    ]
     lines += [f"| {h.rank} | {h.score:.4f} | `{h.path}` |" for h in hits]
     if g.skipped:
-        lines += ["", f"**{len(g.skipped)} unreadable image(s) skipped:** "
-                  + ", ".join(f"`{p}`" for p in list(g.skipped)[:20]) + (" ..." if len(g.skipped) > 20 else "")]
+        lines += [
+            "",
+            f"**{len(g.skipped)} unreadable image(s) skipped:** "
+            + ", ".join(f"`{p}`" for p in list(g.skipped)[:20])
+            + (" ..." if len(g.skipped) > 20 else ""),
+        ]
     return "\n".join(lines)
 
 
 def build_app(searcher, k=10, query_mode="converted", save_queries=None, query_modality="sketch"):
     g = searcher.gallery
-    intro = (f"# Sketch-based photo search\nDraw something (or upload a sketch or a photo, or type words) and "
-             f"press **Search** to find it among the {len(g.paths)} photos under `{g.root}`.")
+    intro = (
+        f"# Sketch-based photo search\nDraw something (or upload a sketch or a photo, or type "
+        f"words) and "
+        f"press **Search** to find it among the {len(g.paths)} photos under `{g.root}`."
+    )
     if g.skipped:
         intro += f"\n\n{len(g.skipped)} unreadable image(s) in the folder were skipped."
     with gr.Blocks(title="ma-sbir search") as demo:
@@ -75,19 +90,40 @@ def build_app(searcher, k=10, query_mode="converted", save_queries=None, query_m
             with gr.Column(scale=1):
                 with gr.Tabs():
                     with gr.Tab("Draw") as draw_tab:
-                        drawing = gr.Sketchpad(label="Drawing", type="pil", image_mode="RGB",
-                                               canvas_size=(512, 512), layers=False, elem_id="canvas",
-                                               brush=gr.Brush(default_size=8, colors=["#000000"], color_mode="fixed"))
+                        drawing = gr.Sketchpad(
+                            label="Drawing",
+                            type="pil",
+                            image_mode="RGB",
+                            canvas_size=(512, 512),
+                            layers=False,
+                            elem_id="canvas",
+                            brush=gr.Brush(default_size=8, colors=["#000000"], color_mode="fixed"),
+                        )
                     with gr.Tab("Upload") as upload_tab:
-                        upload = gr.Image(label="Sketch or photo", type="pil", image_mode="RGBA", sources=["upload"])
-                        upload_modality = gr.Radio(list(IMAGE_MODALITIES), value=query_modality, label="The image is a",
-                                                   elem_id="upload-modality",
-                                                   info="a photo query is a photo-mode vector (converted = original)")
+                        upload = gr.Image(
+                            label="Sketch or photo",
+                            type="pil",
+                            image_mode="RGBA",
+                            sources=["upload"],
+                        )
+                        upload_modality = gr.Radio(
+                            list(IMAGE_MODALITIES),
+                            value=query_modality,
+                            label="The image is a",
+                            elem_id="upload-modality",
+                            info="a photo query is a photo-mode vector (converted = original)",
+                        )
                     with gr.Tab("Words") as words_tab:
                         text = gr.Textbox(label="Words", placeholder="a bicycle")
-                query_mode = gr.Radio(list(QUERY_MODES), value=query_mode, label="Query",
-                                      info="converted moves the query into the photo mode (the paper's method)")
-                k_slider = gr.Slider(1, min(100, len(g.paths)), value=min(k, len(g.paths)), step=1, label="Results")
+                query_mode = gr.Radio(
+                    list(QUERY_MODES),
+                    value=query_mode,
+                    label="Query",
+                    info="converted moves the query into the photo mode (the paper's method)",
+                )
+                k_slider = gr.Slider(
+                    1, min(100, len(g.paths)), value=min(k, len(g.paths)), step=1, label="Results"
+                )
                 button = gr.Button("Search", variant="primary", elem_id="search")
             with gr.Column(scale=2):
                 results = gr.Gallery(label="Results", columns=5, height=340, elem_id="results")
@@ -105,10 +141,21 @@ def serve(cfg, block=True):
     """The app.py entry point: index the gallery (if needed), then serve on 127.0.0.1:<port>."""
     setup_logging()
     searcher = Searcher(cfg)
-    demo = build_app(searcher, int(cfg.k), cfg.query_mode, cfg.get("save_queries"), cfg.query_modality)
-    print(f"serving {len(searcher.gallery.paths)} photos of {searcher.gallery.root} at http://{HOST}:{cfg.port}",
-          flush=True)
-    demo.launch(server_name=HOST, server_port=int(cfg.port), allowed_paths=[str(Path(cfg.gallery).resolve())],
-                ssr_mode=False, prevent_thread_lock=not block, quiet=False, footer_links=["api"])
+    demo = build_app(
+        searcher, int(cfg.k), cfg.query_mode, cfg.get("save_queries"), cfg.query_modality
+    )
+    print(
+        f"serving {len(searcher.gallery.paths)} photos of {searcher.gallery.root} at "
+        f"http://{HOST}:{cfg.port}",
+        flush=True,
+    )
+    demo.launch(
+        server_name=HOST,
+        server_port=int(cfg.port),
+        allowed_paths=[str(Path(cfg.gallery).resolve())],
+        ssr_mode=False,
+        prevent_thread_lock=not block,
+        quiet=False,
+        footer_links=["api"],
+    )
     return demo
-

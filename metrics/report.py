@@ -1,6 +1,7 @@
 """report.html beside eval_result.json: sampled sketch queries with their top-10 photos (correct
 ones framed green, wrong ones red), per-class AP sorted, and a PNG grid for papers. Thumbnails
 are copied next to the report, so it opens offline and survives moving the folder."""
+
 import html
 import random
 from pathlib import Path
@@ -20,8 +21,17 @@ def _thumb(src, dst, size):
     return im
 
 
-def write_report(output, result, rows, image_root, n_queries=20, grid_queries=8, seed=0, size=96,
-                 grid_kind="original"):
+def write_report(
+    output,
+    result,
+    rows,
+    image_root,
+    n_queries=20,
+    grid_queries=8,
+    seed=0,
+    size=96,
+    grid_kind="original",
+):
     """Write report.html, report_grid.png and report_images/ of an InferOutput (runs/folder.py);
     return the HTML path."""
     image_root = Path(image_root)
@@ -38,32 +48,44 @@ def write_report(output, result, rows, image_root, n_queries=20, grid_queries=8,
             thumbs[path] = (name, _thumb(image_root / path, images / name, size))
         return thumbs[path]
 
-    parts = ["<!doctype html><meta charset='utf-8'><title>ma-sbir retrieval report</title>",
-             "<style>body{font-family:sans-serif;margin:1.5em}img{width:%dpx;height:%dpx;margin:2px;"
-             "border:4px solid #ccc}.ok{border-color:rgb%s}.no{border-color:rgb%s}.q{border-color:#333}"
-             "td{padding:2px 8px}.bar{background:#69c;height:12px}</style>" % (size, size, GREEN, RED),
-             "<h1>Retrieval report</h1>",
-             "<table><tr><th>metric</th><th>original</th><th>converted</th></tr>"]
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>ma-sbir retrieval report</title>",
+        "<style>body{font-family:sans-serif;margin:1.5em}img{width:%dpx;height:%dpx;margin:2px;"
+        "border:4px solid #ccc}.ok{border-color:rgb%s}.no{border-color:rgb%s}.q{border-color:#333}"
+        "td{padding:2px 8px}.bar{background:#69c;height:12px}</style>" % (size, size, GREEN, RED),
+        "<h1>Retrieval report</h1>",
+        "<table><tr><th>metric</th><th>original</th><th>converted</th></tr>",
+    ]
     for key in ("mAP@all", "mAP@200", "p@100", "p@200"):
-        parts.append(f"<tr><td>{key}</td>" + "".join(f"<td>{_fmt(v)}</td>" for v in result[key]) + "</tr>")
-    parts.append(f"</table><p>{result['n_queries']} sketch queries, {result['n_gallery']} photos; "
-                 f"chance mAP {_fmt(result['chance_mAP'])}.</p><h2>Sampled queries</h2>")
+        parts.append(
+            f"<tr><td>{key}</td>" + "".join(f"<td>{_fmt(v)}</td>" for v in result[key]) + "</tr>"
+        )
+    parts.append(
+        f"</table><p>{result['n_queries']} sketch queries, {result['n_gallery']} photos; "
+        f"chance mAP {_fmt(result['chance_mAP'])}.</p><h2>Sampled queries</h2>"
+    )
     for q in sample:
-        parts.append(f"<div class='query' data-query='{html.escape(q)}'><p>{html.escape(q)} "
-                     f"(class {html.escape(class_of[q])})</p>")
+        parts.append(
+            f"<div class='query' data-query='{html.escape(q)}'><p>{html.escape(q)} "
+            f"(class {html.escape(class_of[q])})</p>"
+        )
         for kind in ("original", "converted"):
             cells = [f"<img class='q' src='{images.name}/{thumb(q)[0]}' title='{html.escape(q)}'>"]
             for p in top[q][kind]:
                 ok = label_of[p] == label_of[q]
-                cells.append(f"<img class='{'ok' if ok else 'no'}' src='{images.name}/{thumb(p)[0]}' "
-                             f"title='{html.escape(p)}'>")
+                cells.append(
+                    f"<img class='{'ok' if ok else 'no'}' src='{images.name}/{thumb(p)[0]}' "
+                    f"title='{html.escape(p)}'>"
+                )
             parts.append(f"<div>{kind}: {''.join(cells)}</div>")
         parts.append("</div>")
     parts.append("<h2>Per-class AP (mAP@all, original queries), sorted</h2><table>")
     per_class = sorted(result["per_class_AP"].items(), key=lambda kv: -(kv[1][0] or 0))
     for cls, (orig, conv) in per_class:
-        parts.append(f"<tr><td>{html.escape(cls)}</td><td>{_fmt(orig)}</td><td>{_fmt(conv)}</td>"
-                     f"<td><div class='bar' style='width:{int(300 * (orig or 0))}px'></div></td></tr>")
+        parts.append(
+            f"<tr><td>{html.escape(cls)}</td><td>{_fmt(orig)}</td><td>{_fmt(conv)}</td>"
+            f"<td><div class='bar' style='width:{int(300 * (orig or 0))}px'></div></td></tr>"
+        )
     parts.append("</table>")
     out = output.report_html
     save_text("\n".join(parts), out)
@@ -74,7 +96,9 @@ def write_report(output, result, rows, image_root, n_queries=20, grid_queries=8,
 def _grid(path, queries, top, kind, label_of, thumb, size):
     pad = 6
     cols = 11
-    grid = Image.new("RGB", (cols * (size + pad) + pad, max(1, len(queries)) * (size + pad) + pad), "white")
+    grid = Image.new(
+        "RGB", (cols * (size + pad) + pad, max(1, len(queries)) * (size + pad) + pad), "white"
+    )
     draw = ImageDraw.Draw(grid)
     for r, q in enumerate(queries):
         for c, p in enumerate([q] + top[q][kind]):

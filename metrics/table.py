@@ -1,5 +1,6 @@
 """Collect eval_result.json files into one markdown and CSV table, with the paper's numbers beside
 them: python -m metrics.table <run folders, result files or globs> [--csv table.csv]"""
+
 import argparse
 import csv
 import glob
@@ -15,11 +16,23 @@ from runtime.errors import UserError, run_cli
 
 METRICS = ("mAP@all", "mAP@200", "p@100", "p@200")
 # The paper's zero-shot numbers (Lyou et al., WACV 2024, ViT-B/32), in percent, on its splits.
-PAPER = {("sketchy", "sketchy_21"): {"mAP@200": 69.1, "p@200": 75.5},
-         ("tuberlin", "tuberlin_30"): {"mAP@all": 70.5, "p@100": 77.7},
-         ("quickdraw", "quickdraw_30"): {"mAP@all": 32.7, "p@200": 42.5}}
+PAPER = {
+    ("sketchy", "sketchy_21"): {"mAP@200": 69.1, "p@200": 75.5},
+    ("tuberlin", "tuberlin_30"): {"mAP@all": 70.5, "p@100": 77.7},
+    ("quickdraw", "quickdraw_30"): {"mAP@all": 32.7, "p@200": 42.5},
+}
 DEFAULT_SPLIT = {"sketchy": "sketchy_21", "tuberlin": "tuberlin_30", "quickdraw": "quickdraw_30"}
-COLUMNS = ["run", "dataset", "split", "checkpoint", "chosen by", "protocol", "query", *METRICS, "paper"]
+COLUMNS = [
+    "run",
+    "dataset",
+    "split",
+    "checkpoint",
+    "chosen by",
+    "protocol",
+    "query",
+    *METRICS,
+    "paper",
+]
 
 
 def result_files(patterns):
@@ -43,13 +56,17 @@ def rows_of(path):
     try:
         out = json.loads(path.read_text())
     except ValueError as e:
-        raise UserError(f"{path} is not readable JSON ({e}); re-run evaluate.py for that run.") from None
+        raise UserError(
+            f"{path} is not readable JSON ({e}); re-run evaluate.py for that run."
+        ) from None
     if not isinstance(out, dict) or not all(m in out for m in METRICS):
         raise UserError(f"{path} is not an eval_result.json of evaluate.py (no {list(METRICS)}).")
     run, meta = run_of(path), out.get("inference") or {}
     dataset = meta.get("dataset") or path.parent.name.removesuffix("-gzs")
     config = OmegaConf.load(RunFolder(run).config) if RunFolder(run).config.is_file() else None
-    split = (config.dataset.get("split") if config is not None else None) or DEFAULT_SPLIT.get(dataset, "")
+    split = (config.dataset.get("split") if config is not None else None) or DEFAULT_SPLIT.get(
+        dataset, ""
+    )
     kind = "GZS" if out.get("generalized") else "ZS"
     if out.get("zero_shot") is False:
         kind += " (classes seen in training!)"
@@ -64,10 +81,20 @@ def rows_of(path):
     rows = []
     for protocol, values in protocols.items():
         for q, query in enumerate(("original", "converted")):
-            rows.append(dict(run=str(run), dataset=dataset, split=f"{split} {kind}".strip(),
-                             checkpoint=f"{meta.get('mode', path.parent.parent.name)} (epoch {meta.get('epoch', '?')})",
-                             **{"chosen by": chosen}, protocol=protocol, query=query,
-                             **{m: _pct(values[m][q]) for m in METRICS}, paper=paper_text))
+            rows.append(
+                dict(
+                    run=str(run),
+                    dataset=dataset,
+                    split=f"{split} {kind}".strip(),
+                    checkpoint=f"{meta.get('mode', path.parent.parent.name)} (epoch "
+                    f"{meta.get('epoch', '?')})",
+                    **{"chosen by": chosen},
+                    protocol=protocol,
+                    query=query,
+                    **{m: _pct(values[m][q]) for m in METRICS},
+                    paper=paper_text,
+                )
+            )
     return rows
 
 
@@ -83,19 +110,30 @@ def markdown(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="+", help="run folders, eval_result.json files or glob patterns")
-    parser.add_argument("--csv", default="results_table.csv", help="CSV file to write (default %(default)s)")
+    parser.add_argument(
+        "paths", nargs="+", help="run folders, eval_result.json files or glob patterns"
+    )
+    parser.add_argument(
+        "--csv", default="results_table.csv", help="CSV file to write (default %(default)s)"
+    )
     args = parser.parse_args(argv)
     if Path(args.csv).is_dir():
-        raise UserError(f"--csv {args.csv} is a folder; give a file name, e.g. --csv {Path(args.csv) / 'results.csv'}.")
+        raise UserError(
+            f"--csv {args.csv} is a folder; give a file name, e.g. --csv "
+            f"{Path(args.csv) / 'results.csv'}."
+        )
     files = result_files(args.paths)
     if not files:
-        print(f"error: no eval_result.json under {args.paths}; run evaluate.py path=<run> first.", file=sys.stderr)
+        print(
+            f"error: no eval_result.json under {args.paths}; run evaluate.py path=<run> first.",
+            file=sys.stderr,
+        )
         return 1
     rows = [r for f in files for r in rows_of(f)]
     print("metrics in %; paper = the paper's zero-shot numbers on the same split\n")
     print(markdown(rows))
     from runtime.io import save_text
+
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()

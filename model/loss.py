@@ -1,5 +1,6 @@
 """The modality-aware loss (DESIGN section 5): contrastive, semantic-centre, reconstruction,
 discriminator and orthogonality terms, ratio-normalised."""
+
 import torch
 import torch.nn.functional as F
 
@@ -17,7 +18,9 @@ class ModalityAwareLoss:
     features for the contrastive term (None on one process)."""
 
     def __init__(self, ratios, gather=None):
-        self.ratios = {k: float(ratios.get(k, 0)) for k in LOSS_NAMES if float(ratios.get(k, 0)) > 0}
+        self.ratios = {
+            k: float(ratios.get(k, 0)) for k in LOSS_NAMES if float(ratios.get(k, 0)) > 0
+        }
         if not self.ratios:
             raise ValueError("every loss ratio is 0: set at least one model.*_loss_ratio > 0.")
         self.gather = gather
@@ -31,11 +34,15 @@ class ModalityAwareLoss:
             losses["clip"] = self.contrastive(model.clip.logit_scale.exp(), z_img, z_txt)
         if "sem" in active:
             s_img, s_txt = z_img - m[image_mode], z_txt - m[text_mode]
-            losses["sem"] = cos_emb(F.normalize(s_txt, dim=-1), e_s) + cos_emb(F.normalize(s_img, dim=-1), e_s)
+            losses["sem"] = cos_emb(F.normalize(s_txt, dim=-1), e_s) + cos_emb(
+                F.normalize(s_img, dim=-1), e_s
+            )
         conv_img, conv_txt = model.convert(z_img, image_mode), model.convert(z_txt, text_mode)
         rows = torch.arange(z_img.shape[0], device=z_img.device)
         if "rec" in active:
-            losses["rec"] = cos_emb(conv_txt[rows, image_mode], z_img) + cos_emb(conv_img[rows, text_mode], z_txt)
+            losses["rec"] = cos_emb(conv_txt[rows, image_mode], z_img) + cos_emb(
+                conv_img[rows, text_mode], z_txt
+            )
         if "disc" in active:
             k = torch.arange(model.n_mode, device=z_img.device).expand(z_img.shape[0], -1)
             side = []
@@ -53,5 +60,7 @@ class ModalityAwareLoss:
         the (global) batch a negative, same-class rows included, as the authors."""
         all_img, all_txt, offset = self.gather(z_img, z_txt) if self.gather else (z_img, z_txt, 0)
         labels = torch.arange(z_img.shape[0], device=z_img.device) + offset
-        return (F.cross_entropy(scale * z_img @ all_txt.T, labels)
-                + F.cross_entropy(scale * z_txt @ all_img.T, labels)) / 2
+        return (
+            F.cross_entropy(scale * z_img @ all_txt.T, labels)
+            + F.cross_entropy(scale * z_txt @ all_img.T, labels)
+        ) / 2

@@ -1,4 +1,6 @@
-"""The evaluation pipeline: evaluate(cfg), metrics of an infer_output folder -> eval_result.json beside it."""
+"""The evaluation pipeline: evaluate(cfg), metrics of an infer_output folder -> eval_result.json
+beside it."""
+
 import csv
 import json
 import math
@@ -34,19 +36,33 @@ def find_output_folder(cfg):
     if test_idx is not None:
         folder = run.infer_output(cfg.mode, output_key(test_idx), generalized)
     else:
-        found = sorted(p for p in base.glob("*") if p.is_dir() and p.name.endswith("-gzs") == generalized) \
-            if base.is_dir() else []
-        folder = InferOutput(found[0] if len(found) == 1 else base / f"<dataset>{'-gzs' if generalized else ''}")
+        found = (
+            sorted(
+                p for p in base.glob("*") if p.is_dir() and p.name.endswith("-gzs") == generalized
+            )
+            if base.is_dir()
+            else []
+        )
+        folder = InferOutput(
+            found[0] if len(found) == 1 else base / f"<dataset>{'-gzs' if generalized else ''}"
+        )
         if len(found) > 1:
-            raise UserError(f"{base} holds {len(found)} dataset folders {[p.name for p in found]}; "
-                            f"choose one with dataset.test_idx=<index or name>.")
+            raise UserError(
+                f"{base} holds {len(found)} dataset folders {[p.name for p in found]}; "
+                f"choose one with dataset.test_idx=<index or name>."
+            )
     if not folder.path.is_dir() and not run.is_run() and not base.is_dir():
-        raise UserError(f"{run.path} is not a run folder of train.py (no config.yaml, model/ or infer_output/); "
-                        f"pass path=<the folder train.py wrote>, and run `python infer.py path=<run>` first.")
+        raise UserError(
+            f"{run.path} is not a run folder of train.py (no config.yaml, model/ or "
+            f"infer_output/); "
+            f"pass path=<the folder train.py wrote>, and run `python infer.py path=<run>` first."
+        )
     if not folder.path.is_dir():
         extra = " dataset.generalized=true" if generalized else ""
-        raise UserError(f"no inference output {folder}; run `python infer.py path={cfg.path} "
-                        f"mode={cfg.mode}{extra}` first.")
+        raise UserError(
+            f"no inference output {folder}; run `python infer.py path={cfg.path} "
+            f"mode={cfg.mode}{extra}` first."
+        )
     return run, folder
 
 
@@ -56,16 +72,23 @@ def read_index(path):
         reader = csv.DictReader(f)
         missing = {"img_path", "m1", "m2", "label"} - set(reader.fieldnames or [])
         if missing:
-            raise UserError(f"{path}: missing column(s) {sorted(missing)}; re-run infer.py for this run.")
+            raise UserError(
+                f"{path}: missing column(s) {sorted(missing)}; re-run infer.py for this run."
+            )
         rows = list(reader)
     for i, r in enumerate(rows, start=2):
         try:
             r["m1"], r["m2"], r["label"] = int(r["m1"]), int(r["m2"]), int(r["label"])
         except (TypeError, ValueError):
-            raise UserError(f"{path} line {i}: m1, m2 and label must be integers, got {r['m1']!r}, "
-                            f"{r['m2']!r}, {r['label']!r}. The file was edited or cut; re-run infer.py.") from None
+            raise UserError(
+                f"{path} line {i}: m1, m2 and label must be integers, got {r['m1']!r}, "
+                f"{r['m2']!r}, {r['label']!r}. The file was edited or cut; re-run infer.py."
+            ) from None
         if r["m1"] not in (PHOTO, SKETCH):
-            raise UserError(f"{path} line {i}: m1={r['m1']} is no image mode (0 photo, 1 sketch); re-run infer.py.")
+            raise UserError(
+                f"{path} line {i}: m1={r['m1']} is no image mode (0 photo, 1 sketch); re-run "
+                f"infer.py."
+            )
     return rows
 
 
@@ -78,24 +101,40 @@ def load_outputs(folder):
     tensors = {k: load_torch(folder.embeddings(k)) for k in folder.EMBEDDINGS}
     rows = read_index(folder.index)
     img, txt, conv = (tensors[k] for k in folder.EMBEDDINGS)
-    shapes_ok = all(isinstance(t, torch.Tensor) for t in (img, txt, conv)) and img.ndim == 2 and \
-        txt.ndim == 2 and txt.shape[1] == img.shape[1] and conv.ndim == 4 and conv.shape[1] == 2 and conv.shape[3] == img.shape[1] \
+    shapes_ok = (
+        all(isinstance(t, torch.Tensor) for t in (img, txt, conv))
+        and img.ndim == 2
+        and txt.ndim == 2
+        and txt.shape[1] == img.shape[1]
+        and conv.ndim == 4
+        and conv.shape[1] == 2
+        and conv.shape[3] == img.shape[1]
         and conv.shape[2] > PHOTO
+    )
     if not shapes_ok:
-        show = {f: tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for f, t in tensors.items()}
-        raise UserError(f"{folder}: the embeddings have shapes {show}; expected [N,d], [N,d] and "
-                        f"[N,2,n_mode,d]. The files come from different runs or were edited; re-run infer.py.")
+        show = {
+            f: tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            for f, t in tensors.items()
+        }
+        raise UserError(
+            f"{folder}: the embeddings have shapes {show}; expected [N,d], [N,d] and "
+            f"[N,2,n_mode,d]. The files come from different runs or were edited; re-run infer.py."
+        )
     n = {f: t.shape[0] for f, t in tensors.items()}
     if len(set(n.values())) != 1 or len(rows) not in n.values():
-        raise UserError(f"{folder}: index.csv has {len(rows)} rows but the logits have {n} rows; "
-                        f"the files come from different runs. Re-run infer.py.")
+        raise UserError(
+            f"{folder}: index.csv has {len(rows)} rows but the logits have {n} rows; "
+            f"the files come from different runs. Re-run infer.py."
+        )
     for kind in ("img", "converted"):
         bad = (~torch.isfinite(tensors[kind].float().flatten(1)).all(1)).nonzero()[:, 0]
         if bad.numel():
-            raise UserError(f"{folder.embeddings(kind)}: {bad.numel()} of {n[kind]} embeddings are NaN or infinite "
-                            f"(first: {rows[int(bad[0])]['img_path']}); the model that produced them had diverged. "
-                            f"Infer and evaluate the other checkpoint (mode=best or mode=last), or retrain with "
-                            f"a lower learning rate.")
+            raise UserError(
+                f"{folder.embeddings(kind)}: {bad.numel()} of {n[kind]} embeddings are NaN or "
+                f"infinite (first: {rows[int(bad[0])]['img_path']}); the model that produced "
+                f"them had diverged. Infer and evaluate the other checkpoint (mode=best or "
+                f"mode=last), or retrain with a lower learning rate."
+            )
     return tensors, rows
 
 
@@ -107,9 +146,12 @@ def provenance(run, folder, rows, q, allow):
     if run.config.is_file():
         overlap = check_zero_shot(OmegaConf.load(run.config), classes, allow, folder)
     overlap = sorted(set(overlap) | set(meta.get("classes_seen_in_training") or []))
-    return dict(inference=dict(folder=str(folder), **meta), zero_shot=not overlap,
-                classes_seen_in_training=overlap,
-                checkpoint_chosen_on_test_data=meta.get("selected_by") == "test_loss")
+    return dict(
+        inference=dict(folder=str(folder), **meta),
+        zero_shot=not overlap,
+        classes_seen_in_training=overlap,
+        checkpoint_chosen_on_test_data=meta.get("selected_by") == "test_loss",
+    )
 
 
 def evaluate(cfg, given=()):
@@ -124,10 +166,14 @@ def evaluate(cfg, given=()):
     q = (m1 != PHOTO) & (split == "test")
     g = (m1 == PHOTO) & ((split == "test") | (bool(ecfg.generalized) & (split == "seen")))
     if ecfg.generalized and not (split == "seen").any():
-        raise UserError(f"eval.generalized=true needs seen-class photos in {folder}; run "
-                        f"`python infer.py path={cfg.path} mode={cfg.mode} dataset.generalized=true`.")
+        raise UserError(
+            f"eval.generalized=true needs seen-class photos in {folder}; run "
+            f"`python infer.py path={cfg.path} mode={cfg.mode} dataset.generalized=true`."
+        )
     if not q.any() or not g.any():
-        raise UserError(f"{folder} has {q.sum()} sketch queries and {g.sum()} photos; both must be > 0.")
+        raise UserError(
+            f"{folder} has {q.sum()} sketch queries and {g.sum()} photos; both must be > 0."
+        )
     record = provenance(run, folder, rows, q, bool(cfg.allow_class_overlap))
     img = tensors["img"].float()
     queries = {"original": img[q], "converted": tensors["converted"][q][:, 0, PHOTO].float()}
@@ -136,33 +182,59 @@ def evaluate(cfg, given=()):
     results, tops = {}, {}
     for kind in QUERY_KINDS:
         per_query, tops[kind] = retrieval_metrics(
-            queries[kind], img[g], labels[q], labels[g], chunk_size=int(ecfg.chunk_size),
-            device=device, protocols=protocols, topk=int(ecfg.topk), desc=f"{kind} queries")
+            queries[kind],
+            img[g],
+            labels[q],
+            labels[g],
+            chunk_size=int(ecfg.chunk_size),
+            device=device,
+            protocols=protocols,
+            topk=int(ecfg.topk),
+            desc=f"{kind} queries",
+        )
         results[kind] = (summarize(per_query), per_query)
-    pair = lambda key: [results[k][0][key] for k in QUERY_KINDS]
-    out = {"mAP@all": pair("default/AP@all"), "mAP@200": pair("default/AP@200"),
-           "p@100": pair("default/P@100"), "p@200": pair("default/P@200")}
-    alt = {"hits_over_k": {"p@100": "P@100", "p@200": "P@200"},
-           "noninterp": {"mAP@all": "AP@all", "mAP@200": "AP@200"}}
-    out["protocols"] = {p: {k: pair(f"{p}/{v}") for k, v in alt[p].items()} for p in protocols if p in alt}
+
+    def pair(key):
+        return [results[k][0][key] for k in QUERY_KINDS]
+
+    out = {
+        "mAP@all": pair("default/AP@all"),
+        "mAP@200": pair("default/AP@200"),
+        "p@100": pair("default/P@100"),
+        "p@200": pair("default/P@200"),
+    }
+    alt = {
+        "hits_over_k": {"p@100": "P@100", "p@200": "P@200"},
+        "noninterp": {"mAP@all": "AP@all", "mAP@200": "AP@200"},
+    }
+    out["protocols"] = {
+        p: {k: pair(f"{p}/{v}") for k, v in alt[p].items()} for p in protocols if p in alt
+    }
     g_lab, q_lab = labels[g], labels[q]
     photos_per_label = dict(zip(*np.unique(g_lab, return_counts=True)))
-    out["chance_mAP"] = float(np.mean([photos_per_label.get(l, 0) for l in q_lab]) / g.sum())
+    out["chance_mAP"] = float(np.mean([photos_per_label.get(lab, 0) for lab in q_lab]) / g.sum())
     out["n_queries"], out["n_gallery"] = int(q.sum()), int(g.sum())
     out["generalized"] = bool(ecfg.generalized)
     name_of = {int(r["label"]): Path(r["img_path"]).parent.name for r in rows}
     ap = {k: per_class(results[k][1]["default/AP@all"], q_lab) for k in QUERY_KINDS}
-    out["per_class_AP"] = {name_of[l]: [ap["original"][l], ap["converted"][l]] for l in sorted(ap["original"])}
+    out["per_class_AP"] = {
+        name_of[lab]: [ap["original"][lab], ap["converted"][lab]] for lab in sorted(ap["original"])
+    }
     paths = np.array([r["img_path"] for r in rows])
     q_paths, g_paths = paths[q], paths[g]
-    out["top10_retrieved"] = {qp: {k: g_paths[tops[k][i]].tolist() for k in QUERY_KINDS}
-                              for i, qp in enumerate(q_paths)}
+    out["top10_retrieved"] = {
+        qp: {k: g_paths[tops[k][i]].tolist() for k in QUERY_KINDS} for i, qp in enumerate(q_paths)
+    }
     out.update(record)
-    undefined = [k for k in ("mAP@all", "mAP@200", "p@100", "p@200") if not all(map(math.isfinite, out[k]))]
+    undefined = [
+        k for k in ("mAP@all", "mAP@200", "p@100", "p@200") if not all(map(math.isfinite, out[k]))
+    ]
     if undefined:
-        raise UserError(f"{folder}: {undefined} are undefined: no sketch query has a relevant photo in the "
-                        f"gallery (labels of sketches and photos never match). Check index.csv's labels; "
-                        f"nothing was written.")
+        raise UserError(
+            f"{folder}: {undefined} are undefined: no sketch query has a relevant photo in the "
+            f"gallery (labels of sketches and photos never match). Check index.csv's labels; "
+            f"nothing was written."
+        )
     save_json(_nan_to_none(out), folder.result)
     print(format_table(out, folder.result))
     rcfg = ecfg.report
@@ -179,13 +251,27 @@ def make_report(folder, result, rows, rcfg):
     root = rcfg.image_root
     if root is None and folder.meta.is_file():
         root = json.loads(folder.meta.read_text()).get("root")
-    missing = [r["img_path"] for r in rows[:50] if root is None or not (Path(root) / r["img_path"]).is_file()]
+    missing = [
+        r["img_path"]
+        for r in rows[:50]
+        if root is None or not (Path(root) / r["img_path"]).is_file()
+    ]
     if missing:
-        log.warning(f"no visual report: images such as {missing[0]} are not under {root}; pass "
-                    f"eval.report.image_root=<dataset root> (or eval.report.enabled=false).")
+        log.warning(
+            f"no visual report: images such as {missing[0]} are not under {root}; pass "
+            f"eval.report.image_root=<dataset root> (or eval.report.enabled=false)."
+        )
         return None
-    return write_report(folder, result, rows, root, n_queries=int(rcfg.n_queries),
-                        grid_queries=int(rcfg.grid_queries), seed=int(rcfg.seed), grid_kind=rcfg.grid_kind)
+    return write_report(
+        folder,
+        result,
+        rows,
+        root,
+        n_queries=int(rcfg.n_queries),
+        grid_queries=int(rcfg.grid_queries),
+        seed=int(rcfg.seed),
+        grid_kind=rcfg.grid_kind,
+    )
 
 
 def _nan_to_none(x):
@@ -205,6 +291,8 @@ def format_table(out, path):
     for proto, vals in out.get("protocols", {}).items():
         for key, v in vals.items():
             lines.append(f"{key + ' (' + proto + ')':<10} {v[0]:>10.4f} {v[1]:>10.4f}")
-    lines.append(f"chance mAP (mean fraction of relevant photos per query): {out['chance_mAP']:.4f}")
+    lines.append(
+        f"chance mAP (mean fraction of relevant photos per query): {out['chance_mAP']:.4f}"
+    )
     lines.append(f"{out['n_queries']} sketch queries, {out['n_gallery']} photos; results in {path}")
     return "\n".join(lines)

@@ -1,4 +1,5 @@
 """Shared helpers of the search and app tests: a tiny run folder, a small photo gallery, configs."""
+
 import shutil
 import socket
 
@@ -16,17 +17,31 @@ def random_run(run, seed=0):
     cfg = compose_cfg("config-train", ["dataset=demo", "model=tiny"])
     torch.manual_seed(seed)
     model = build_model(cfg.model)[0]
-    save_torch(dict(model=model.state_dict(), config=OmegaConf.to_container(cfg, resolve=True), epoch=0),
-               run / "model" / "best.pth")
+    save_torch(
+        dict(model=model.state_dict(), config=OmegaConf.to_container(cfg, resolve=True), epoch=0),
+        run / "model" / "best.pth",
+    )
     return run
 
 
 def trained_run(run, demo_root):
-    """A run folder with a tiny model trained for one epoch (its embeddings spread out, unlike random ones)."""
-    cfg = compose_cfg("config-train", [
-        "dataset=demo", "model=tiny", f"dataset.root={demo_root}", "train.epochs=1", "train.batch_size=32",
-        "train.num_workers=0", "train.warmup_steps=2", "device=cpu", "logger.wandb.mode=disabled",
-        "eval.chunk_size=64"])
+    """A run folder with a tiny model trained for one epoch (its embeddings spread out, unlike
+    random ones)."""
+    cfg = compose_cfg(
+        "config-train",
+        [
+            "dataset=demo",
+            "model=tiny",
+            f"dataset.root={demo_root}",
+            "train.epochs=1",
+            "train.batch_size=32",
+            "train.num_workers=0",
+            "train.warmup_steps=2",
+            "device=cpu",
+            "logger.wandb.mode=disabled",
+            "eval.chunk_size=64",
+        ],
+    )
     train(cfg, run)
     return run
 
@@ -41,8 +56,17 @@ def make_gallery(folder, demo_root, classes=("kite", "sun", "star", "apple"), n=
 
 
 def search_cfg(run, gallery, *overrides, name="config-search"):
-    return compose_cfg(name, [f"path={run}", f"gallery={gallery}", "device=cpu", "num_workers=0",
-                              "precision=fp32", *overrides])
+    return compose_cfg(
+        name,
+        [
+            f"path={run}",
+            f"gallery={gallery}",
+            "device=cpu",
+            "num_workers=0",
+            "precision=fp32",
+            *overrides,
+        ],
+    )
 
 
 def free_port():

@@ -1,5 +1,6 @@
 """The search web app, served by app.py in a subprocess: driven in headless Chromium (draw, press
 Search) and through gradio_client; results must match the search library on the same query."""
+
 import os
 import subprocess
 import sys
@@ -25,9 +26,21 @@ def app(tmp_path_factory, demo_root):
     (gallery / "broken.jpg").write_bytes(b"not a jpeg")
     port = free_port()
     args = [f"path={run}", f"gallery={gallery}", "device=cpu", "num_workers=0", "precision=fp32"]
-    proc = subprocess.Popen([sys.executable, "app.py", *args, f"port={port}", f"k={K}",
-                             f"save_queries={tmp / 'queries'}"], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "app.py",
+            *args,
+            f"port={port}",
+            f"k={K}",
+            f"save_queries={tmp / 'queries'}",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
     while True:
@@ -55,7 +68,9 @@ def caption_score(caption):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian's chromium (apt-get install chromium)")
+@pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason="needs Debian's chromium (apt-get install chromium)"
+)
 def test_draw_and_search_in_a_real_browser(app):
     from playwright.sync_api import sync_playwright
 
@@ -76,10 +91,14 @@ def test_draw_and_search_in_a_real_browser(app):
             page.mouse.down()
             for (ax, ay), (bx, by) in zip(stroke, stroke[1:]):
                 for t in range(1, 16):
-                    page.mouse.move(x + w * (ax + (bx - ax) * t / 15), y + h * (ay + (by - ay) * t / 15))
+                    page.mouse.move(
+                        x + w * (ax + (bx - ax) * t / 15), y + h * (ay + (by - ay) * t / 15)
+                    )
             page.mouse.up()
         page.click("#search")
-        page.wait_for_function(f"document.querySelectorAll('#results img').length == {K}", timeout=30000)
+        page.wait_for_function(
+            f"document.querySelectorAll('#results img').length == {K}", timeout=30000
+        )
         page.get_by_text(f"Top {K} of 24 photos").wait_for(timeout=10000)
         captions = page.locator("#results .caption-label").all_inner_texts()
         page.screenshot(path=str(app["tmp"] / "app.png"))
@@ -99,15 +118,20 @@ def test_gradio_client_words_upload_and_empty_canvas(app, demo_root):
 
     client = Client(app["url"], verbose=False)
     lib = app["library"]
-    items, status = client.predict("words", None, None, "sketch", "a photo of a kite.", "converted", 3,
-                                   api_name="/search")
-    assert [caption_path(i["caption"]) for i in items] == [h.path for h in lib.search(
-        lib.embed_text("a photo of a kite.", "converted"), 3)]
-    assert all(os.path.isfile(i["image"]) for i in items) and "1 unreadable image(s) skipped" in status
+    items, status = client.predict(
+        "words", None, None, "sketch", "a photo of a kite.", "converted", 3, api_name="/search"
+    )
+    assert [caption_path(i["caption"]) for i in items] == [
+        h.path for h in lib.search(lib.embed_text("a photo of a kite.", "converted"), 3)
+    ]
+    assert (
+        all(os.path.isfile(i["image"]) for i in items) and "1 unreadable image(s) skipped" in status
+    )
 
     sketch = demo_root / "sketch" / "sun" / "sun_000.png"
-    items, _ = client.predict("upload", None, handle_file(str(sketch)), "sketch", "", "original", K,
-                              api_name="/search")
+    items, _ = client.predict(
+        "upload", None, handle_file(str(sketch)), "sketch", "", "original", K, api_name="/search"
+    )
     with Image.open(sketch) as im:
         expected = lib.search(lib.embed_image(im, "sketch", "original"), K)
     assert [caption_path(i["caption"]) for i in items] == [h.path for h in expected]
@@ -124,18 +148,31 @@ def test_uploaded_photo_is_embedded_as_a_photo_like_search_py(app, demo_root, tm
     photo = sorted((demo_root / "photo" / "kite").iterdir())[-1]  # not one of the gallery's photos
     assert not (app["gallery"] / "kite" / photo.name).exists()
     client = Client(app["url"], verbose=False)
-    as_photo, status = client.predict("upload", None, handle_file(str(photo)), "photo", "", "converted", K,
-                                      api_name="/search")
-    as_sketch, _ = client.predict("upload", None, handle_file(str(photo)), "sketch", "", "converted", K,
-                                  api_name="/search")
-    cli = search(search_cfg(app["run"], app["gallery"], f"query={photo}", "query_modality=photo",
-                            "query_mode=converted", f"k={K}", f"out={tmp_path}"))
+    as_photo, status = client.predict(
+        "upload", None, handle_file(str(photo)), "photo", "", "converted", K, api_name="/search"
+    )
+    as_sketch, _ = client.predict(
+        "upload", None, handle_file(str(photo)), "sketch", "", "converted", K, api_name="/search"
+    )
+    cli = search(
+        search_cfg(
+            app["run"],
+            app["gallery"],
+            f"query={photo}",
+            "query_modality=photo",
+            "query_mode=converted",
+            f"k={K}",
+            f"out={tmp_path}",
+        )
+    )
     assert "the uploaded photo" in status
     assert caption_path(as_photo[0]["caption"]) == cli[0].path
     assert caption_score(as_photo[0]["caption"]) == pytest.approx(cli[0].score, abs=2e-3)
     photo_scores = [caption_score(i["caption"]) for i in as_photo]
     sketch_scores = [caption_score(i["caption"]) for i in as_sketch]
-    assert max(abs(a - b) for a, b in zip(photo_scores, sketch_scores)) > 0.01, "the choice changes the query"
+    assert max(abs(a - b) for a, b in zip(photo_scores, sketch_scores)) > 0.01, (
+        "the choice changes the query"
+    )
 
 
 def test_make_app_without_a_demo_run_says_to_run_make_demo(tmp_path):
@@ -143,6 +180,8 @@ def test_make_app_without_a_demo_run_says_to_run_make_demo(tmp_path):
         (tmp_path / name).write_bytes((REPO / name).read_bytes())
     (tmp_path / ".venv").mkdir()
     (tmp_path / ".venv" / ".installed").touch()  # installed: make goes straight to the app recipe
-    proc = subprocess.run(["make", "-s", "app"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["make", "-s", "app"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode != 0
     assert "error: no trained demo run under outputs/demo/: run make demo first" in proc.stderr

@@ -1,4 +1,5 @@
 """Demo data, the folder layout, splits and their errors."""
+
 import hashlib
 
 import pytest
@@ -30,8 +31,19 @@ def test_demo_is_deterministic_and_laid_out_like_real_data(tmp_path):
 
 
 def dcfg(root, **kw):
-    return OmegaConf.create(dict(train_idx=["folder"], test_idx="folder", root=str(root), split=None,
-                                 unseen_file=None, cls_ratio=0.8, split_seed=0, csv={}, **kw))
+    return OmegaConf.create(
+        dict(
+            train_idx=["folder"],
+            test_idx="folder",
+            root=str(root),
+            split=None,
+            unseen_file=None,
+            cls_ratio=0.8,
+            split_seed=0,
+            csv={},
+            **kw,
+        )
+    )
 
 
 def test_zero_shot_split_keeps_unseen_classes_out_of_training(demo_root):
@@ -50,7 +62,13 @@ def test_zero_shot_split_keeps_unseen_classes_out_of_training(demo_root):
 
 
 def test_names_and_indices():
-    assert [resolve_name(i) for i in (0, 1, 2, "Sketchy", "demo")] == ["tuberlin", "quickdraw", "sketchy", "sketchy", "demo"]
+    assert [resolve_name(i) for i in (0, 1, 2, "Sketchy", "demo")] == [
+        "tuberlin",
+        "quickdraw",
+        "sketchy",
+        "sketchy",
+        "demo",
+    ]
     with pytest.raises(UserError, match="unknown dataset 7"):
         resolve_name(7)
 

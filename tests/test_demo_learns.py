@@ -6,6 +6,7 @@ Measured on 2 CPU cores, 2026-11-30 (README, "Demo result"), unseen mAP@all over
 - the same model untrained (learning rate ~0): 0.201 / 0.207 / 0.197 and 0.204 / 0.207 / 0.205;
 - chance 1/6. So chance + MARGIN lies between the best untrained (chance + 0.040) and the worst
   trained score (chance + 0.085). About 4 minutes on 2 cores: the suite's one long test."""
+
 import pytest
 import json
 
@@ -22,10 +23,27 @@ MARGIN = 0.065
 def test_the_demo_run_beats_chance_on_unseen_classes(tmp_path_factory):
     root = generate(tmp_path_factory.mktemp("demo") / "demo")  # the full demo dataset, as make demo
     run = tmp_path_factory.mktemp("demo_run") / "run"
-    train(compose_cfg("config-train", ["dataset=demo", "model=tiny", f"dataset.root={root}", "seed=0",
-                                       "train.num_workers=0", "device=cpu"]), run)
+    train(
+        compose_cfg(
+            "config-train",
+            [
+                "dataset=demo",
+                "model=tiny",
+                f"dataset.root={root}",
+                "seed=0",
+                "train.num_workers=0",
+                "device=cpu",
+            ],
+        ),
+        run,
+    )
     out = infer(compose_cfg("config-infer", [f"path={run}", "device=cpu", "num_workers=0"]))
-    evaluate(compose_cfg("config-eval", [f"path={run}", "eval.device=cpu", "eval.report.enabled=false"]))
+    evaluate(
+        compose_cfg("config-eval", [f"path={run}", "eval.device=cpu", "eval.report.enabled=false"])
+    )
     result = json.loads(out.result.read_text())
     assert result["inference"]["epoch"] == 40 and result["zero_shot"] is True
-    assert min(result["mAP@all"]) >= result["chance_mAP"] + MARGIN, (result["mAP@all"], result["chance_mAP"])
+    assert min(result["mAP@all"]) >= result["chance_mAP"] + MARGIN, (
+        result["mAP@all"],
+        result["chance_mAP"],
+    )

@@ -6,6 +6,7 @@ unseen-class mAP@all 0.251-0.264 (original queries) and 0.242-0.261 (converted) 
 is mostly what the randomly initialised features already give (0.245-0.256 with a learning rate
 of ~0), so the loss is what tells a model that learns from one that does not; the gain of training
 on unseen classes shows at demo size (make demo: README)."""
+
 import csv
 import json
 import math
@@ -20,17 +21,28 @@ from tests.conftest import compose_cfg
 
 
 EPOCHS = 4
-MARGIN = 0.05          # over chance; the lowest of the five seeds is 0.075 (converted) above it
-LOSS_FALL = 0.92       # the last epoch's loss at most this share of the first's (measured <= 0.880)
+MARGIN = 0.05  # over chance; the lowest of the five seeds is 0.075 (converted) above it
+LOSS_FALL = 0.92  # the last epoch's loss at most this share of the first's (measured <= 0.880)
 
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, demo_root):
     run = tmp_path_factory.mktemp("run")
-    cfg = compose_cfg("config-train", [
-        "dataset=demo", "model=tiny", f"dataset.root={demo_root}", f"train.epochs={EPOCHS}",
-        "train.batch_size=32", "train.num_workers=0", "train.warmup_steps=2", "device=cpu",
-        "logger.wandb.mode=disabled", "eval.chunk_size=16"])
+    cfg = compose_cfg(
+        "config-train",
+        [
+            "dataset=demo",
+            "model=tiny",
+            f"dataset.root={demo_root}",
+            f"train.epochs={EPOCHS}",
+            "train.batch_size=32",
+            "train.num_workers=0",
+            "train.warmup_steps=2",
+            "device=cpu",
+            "logger.wandb.mode=disabled",
+            "eval.chunk_size=16",
+        ],
+    )
     result = train(cfg, run)
     return run, result
 
@@ -51,10 +63,14 @@ def test_training_writes_checkpoints_log_and_config(trained_run):
 @pytest.mark.slow
 def test_infer_then_evaluate(trained_run, demo_root):
     run, _ = trained_run
-    out = infer(compose_cfg("config-infer", [f"path={run}", "device=cpu", "num_workers=0", "batch_size=50"]))
+    out = infer(
+        compose_cfg("config-infer", [f"path={run}", "device=cpu", "num_workers=0", "batch_size=50"])
+    )
     assert out.path == run / "infer_output" / "best" / "demo"
-    img, txt, conv = (torch.load(out / f, weights_only=True) for f in
-                      ("img_logits.pt", "txt_logits.pt", "converted_logits.pt"))
+    img, txt, conv = (
+        torch.load(out / f, weights_only=True)
+        for f in ("img_logits.pt", "txt_logits.pt", "converted_logits.pt")
+    )
     rows = list(csv.DictReader(open(out / "index.csv")))
     n = 6 * 16  # 6 unseen classes x (8 photos + 8 sketches)
     assert img.shape == txt.shape == (n, 128) and conv.shape == (n, 2, 4, 128) and len(rows) == n
@@ -68,8 +84,12 @@ def test_infer_then_evaluate(trained_run, demo_root):
     photo = next(i for i, r in enumerate(rows) if r["m1"] == "0")
     torch.testing.assert_close(conv[photo, 0, 0], img[photo], atol=1e-5, rtol=0)
 
-    result = evaluate(compose_cfg("config-eval", [f"path={run}", "eval.device=cpu",
-                                                  "eval.protocols=[default,hits_over_k,noninterp]"]))
+    result = evaluate(
+        compose_cfg(
+            "config-eval",
+            [f"path={run}", "eval.device=cpu", "eval.protocols=[default,hits_over_k,noninterp]"],
+        )
+    )
     saved = json.loads((out / "eval_result.json").read_text())
     for key in ("mAP@all", "mAP@200", "p@100", "p@200"):
         assert len(saved[key]) == 2 and all(0 <= v <= 1 for v in saved[key])
@@ -88,12 +108,22 @@ def test_infer_then_evaluate(trained_run, demo_root):
 @pytest.mark.slow
 def test_visual_report_lists_sampled_queries_and_existing_images(trained_run):
     import re
+
     run, _ = trained_run
     out = run / "infer_output" / "best" / "demo"
     if not (out / "index.csv").is_file():
         infer(compose_cfg("config-infer", [f"path={run}", "device=cpu", "num_workers=0"]))
-    evaluate(compose_cfg("config-eval", [f"path={run}", "eval.device=cpu", "eval.report.n_queries=5",
-                                         "eval.report.grid_queries=3"]))
+    evaluate(
+        compose_cfg(
+            "config-eval",
+            [
+                f"path={run}",
+                "eval.device=cpu",
+                "eval.report.n_queries=5",
+                "eval.report.grid_queries=3",
+            ],
+        )
+    )
     page = (out / "report.html").read_text()
     queries = re.findall(r"data-query='([^']+)'", page)
     assert len(queries) == 5
@@ -104,6 +134,7 @@ def test_visual_report_lists_sampled_queries_and_existing_images(trained_run):
     assert all((out / src).is_file() for src in images)
     assert page.count("class='ok'") + page.count("class='no'") == 5 * 2 * 10
     from PIL import Image
+
     with Image.open(out / "report_grid.png") as grid:
         assert grid.size[1] > 3 * 96
 
@@ -111,12 +142,26 @@ def test_visual_report_lists_sampled_queries_and_existing_images(trained_run):
 @pytest.mark.slow
 def test_generalized_export_and_evaluation(trained_run):
     run, _ = trained_run
-    out = infer(compose_cfg("config-infer", [f"path={run}", "device=cpu", "num_workers=0",
-                                            "dataset.generalized=true", "mode=last"]))
+    out = infer(
+        compose_cfg(
+            "config-infer",
+            [f"path={run}", "device=cpu", "num_workers=0", "dataset.generalized=true", "mode=last"],
+        )
+    )
     rows = list(csv.DictReader(open(out / "index.csv")))
     seen = [r for r in rows if r["split"] == "seen"]
     assert seen and all(r["m1"] == "0" for r in seen)  # seen classes' photos only
     assert len(torch.load(out / "img_logits.pt", weights_only=True)) == len(rows)
-    result = evaluate(compose_cfg("config-eval", [f"path={run}", "mode=last", "eval.device=cpu",
-                                                  "eval.generalized=true", "eval.report.enabled=false"]))
+    result = evaluate(
+        compose_cfg(
+            "config-eval",
+            [
+                f"path={run}",
+                "mode=last",
+                "eval.device=cpu",
+                "eval.generalized=true",
+                "eval.report.enabled=false",
+            ],
+        )
+    )
     assert result["n_gallery"] == 48 + len(seen) and result["n_queries"] == 48

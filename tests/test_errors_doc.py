@@ -1,4 +1,5 @@
 """docs/errors.md names a test for every bad input; each named test must exist."""
+
 import ast
 import re
 from pathlib import Path
@@ -11,8 +12,11 @@ REFERENCE = re.compile(r"`(?:tests/)?(test_\w+\.py)?(?:::(\w+)(?:\[[^\]`]*\])?)?
 
 def defined_functions(path):
     tree = ast.parse(path.read_text())
-    return {node.name for node in ast.walk(tree)
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    return {
+        node.name
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    }
 
 
 def references(table_text):
@@ -48,15 +52,23 @@ def test_every_test_named_in_the_bad_input_table_exists():
 
 def test_every_row_names_a_test():
     text = (REPO / "docs" / "errors.md").read_text()
-    rows = [line for line in text.splitlines()
-            if line.startswith("| ") and not line.startswith(("| ---", "| input"))]
+    rows = [
+        line
+        for line in text.splitlines()
+        if line.startswith("| ") and not line.startswith(("| ---", "| input"))
+    ]
     without = [row[:80] for row in rows if not REFERENCE.search(row.rsplit("|", 2)[-2])]
     assert not without, "rows without a test:\n" + "\n".join(without)
 
 
 def test_the_checker_finds_a_missing_test(tmp_path):
-    table = "| input | what you get | test |\n| --- | --- | --- |\n" \
-            "| x | y | `test_errors_doc.py::defined_functions`, `::no_such_test` |\n"
+    table = (
+        "| input | what you get | test |\n| --- | --- | --- |\n"
+        "| x | y | `test_errors_doc.py::defined_functions`, `::no_such_test` |\n"
+    )
     refs = references(table)
-    assert refs == [(3, "test_errors_doc.py", "defined_functions"), (3, "test_errors_doc.py", "no_such_test")]
+    assert refs == [
+        (3, "test_errors_doc.py", "defined_functions"),
+        (3, "test_errors_doc.py", "no_such_test"),
+    ]
     assert "no_such_test" not in defined_functions(TESTS / "test_errors_doc.py")

@@ -1,4 +1,5 @@
 """Each loss against a hand computation on small fixed tensors."""
+
 import math
 
 import pytest
@@ -29,9 +30,12 @@ def setup():
     torch.manual_seed(0)
     model = ModalityAwareCLIP(ScaleOnly(), D, n_mode=K, temperature=math.log(2.0)).double()
     with torch.no_grad():
-        model.modes.weight.copy_(torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.2, 0.0],
-                                               [0.0, 0.0, 0.3], [0.1, 0.1, 0.1]]))
-        model.disc.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0.5, 0.5, 0.5]]))
+        model.modes.weight.copy_(
+            torch.tensor([[0.1, 0.0, 0.0], [0.0, 0.2, 0.0], [0.0, 0.0, 0.3], [0.1, 0.1, 0.1]])
+        )
+        model.disc.weight.copy_(
+            torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0.5, 0.5, 0.5]])
+        )
         model.disc.bias.zero_()
     z_img = torch.stack([unit([1.0, 0.0, 0.0]), unit([0.0, 1.0, 1.0])])
     z_txt = torch.stack([unit([1.0, 1.0, 0.0]), unit([0.0, 0.0, 1.0])])
@@ -51,7 +55,10 @@ def test_clip_loss_by_hand(setup):
     # image->text logits row i: s * <zi_i, zt_j>
     r = 1 / math.sqrt(2)
     c = [[r, 0.0], [0.5, r]]  # cosines <zi_i, zt_j> of the unit vectors above
-    ce = lambda logits, t: -logits[t] + math.log(sum(math.exp(x) for x in logits))
+
+    def ce(logits, t):
+        return -logits[t] + math.log(sum(math.exp(x) for x in logits))
+
     i2t = (ce([s * c[0][0], s * c[0][1]], 0) + ce([s * c[1][0], s * c[1][1]], 1)) / 2
     t2i = (ce([s * c[0][0], s * c[1][0]], 0) + ce([s * c[0][1], s * c[1][1]], 1)) / 2
     assert losses["clip"].item() == pytest.approx((i2t + t2i) / 2, abs=1e-8)  # scale held in fp32
@@ -82,7 +89,9 @@ def test_rec_loss_by_hand(setup):
     for b in range(2):
         conv_txt_to_img_mode = zt[b] - m[m2[b]] + m[m1[b]]
         conv_img_to_txt_mode = zi[b] - m[m1[b]] + m[m2[b]]
-        expect += (1 - _cos(conv_txt_to_img_mode, zi[b])) / 2 + (1 - _cos(conv_img_to_txt_mode, zt[b])) / 2
+        expect += (1 - _cos(conv_txt_to_img_mode, zi[b])) / 2 + (
+            1 - _cos(conv_img_to_txt_mode, zt[b])
+        ) / 2
     assert losses["rec"].item() == pytest.approx(expect, abs=1e-10)
 
 
@@ -126,20 +135,25 @@ def test_total_is_ratio_normalised_and_zero_ratio_switches_off(setup):
     ratios = dict(clip=1.0, sem=0.1, rec=0.02, disc=0.1, orth=0.0)
     total, losses = ModalityAwareLoss(ratios)(model, zi, zt, m1, m2)
     assert "orth" not in losses
-    expect = (1.0 * losses["clip"] + 0.1 * losses["sem"] + 0.02 * losses["rec"]
-              + 0.1 * losses["disc"]) / 1.22
+    expect = (
+        1.0 * losses["clip"] + 0.1 * losses["sem"] + 0.02 * losses["rec"] + 0.1 * losses["disc"]
+    ) / 1.22
     assert total.item() == pytest.approx(expect.item(), abs=1e-12)
     ratios["orth"] = 0.5
     total2, losses2 = ModalityAwareLoss(ratios)(model, zi, zt, m1, m2)
     assert "orth" in losses2
-    assert total2.item() == pytest.approx(((expect * 1.22) + 0.5 * losses2["orth"]).item() / 1.72, abs=1e-12)
+    assert total2.item() == pytest.approx(
+        ((expect * 1.22) + 0.5 * losses2["orth"]).item() / 1.72, abs=1e-12
+    )
     with pytest.raises(ValueError):
         ModalityAwareLoss({k: 0.0 for k in ratios})(model, zi, zt, m1, m2)
 
 
 def test_gradients_reach_mode_vectors_and_discriminator(setup):
     model, zi, zt, m1, m2 = setup
-    total, _ = ModalityAwareLoss(dict(clip=1, sem=0.1, rec=0.02, disc=0.1, orth=0))(model, zi, zt, m1, m2)
+    total, _ = ModalityAwareLoss(dict(clip=1, sem=0.1, rec=0.02, disc=0.1, orth=0))(
+        model, zi, zt, m1, m2
+    )
     total.backward()
     assert model.modes.weight.grad.abs().sum() > 0
     assert model.disc.weight.grad.abs().sum() > 0
@@ -151,14 +165,19 @@ def test_orth_loss_sums_absolute_products_not_the_absolute_dot_product(setup):
     |<E_s, m_k>| over normalised vectors differ: only the first is the loss."""
     model, _, _, m1, m2 = setup
     with torch.no_grad():
-        model.modes.weight.copy_(torch.tensor([[0.5, -0.5, 0.2], [-0.3, 0.4, 0.1],
-                                               [0.2, 0.2, -0.6], [1.0, -1.0, 0.0]]))
+        model.modes.weight.copy_(
+            torch.tensor([[0.5, -0.5, 0.2], [-0.3, 0.4, 0.1], [0.2, 0.2, -0.6], [1.0, -1.0, 0.0]])
+        )
     zi = torch.stack([unit([1.0, 1.0, 0.0]), unit([1.0, -2.0, 1.0])])
     zt = torch.stack([unit([1.0, 1.0, 0.2]), unit([1.0, -2.0, 0.8])])
     _, losses = ModalityAwareLoss(only("orth"))(model, zi, zt, m1, m2)
     e = torch.nn.functional.normalize((zi + zt) / 2, dim=-1)
     m = model.modes.weight.detach()
-    right = sum(sum(abs(e[b, j] * m[k, j]) for j in range(D)) for b in range(2) for k in range(K)) / (2 * K)
-    near_miss = sum(abs(sum(e[b, j] * m[k, j] for j in range(D))) for b in range(2) for k in range(K)) / (2 * K)
+    right = sum(
+        sum(abs(e[b, j] * m[k, j]) for j in range(D)) for b in range(2) for k in range(K)
+    ) / (2 * K)
+    near_miss = sum(
+        abs(sum(e[b, j] * m[k, j] for j in range(D))) for b in range(2) for k in range(K)
+    ) / (2 * K)
     assert abs(right - near_miss) > 0.1
     assert losses["orth"].item() == pytest.approx(right.item(), abs=1e-12)

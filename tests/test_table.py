@@ -1,5 +1,6 @@
 """python -m metrics.table: every eval_result.json of the given runs in one table, with the
 paper's numbers beside the splits the paper used."""
+
 import csv
 import json
 
@@ -12,12 +13,16 @@ def test_table_collects_results_with_provenance_and_paper_numbers(tmp_path, caps
     run = tmp_path / "outputs" / "r1"
     out, _, _ = fake_output(run)
     (run / "config.yaml").write_text("dataset:\n  test_idx: 2\n  split: null\n")
-    (out / "infer_meta.json").write_text(json.dumps(dict(dataset="sketchy", mode="best", epoch=7,
-                                                         selected_by="test_loss")))
+    (out / "infer_meta.json").write_text(
+        json.dumps(dict(dataset="sketchy", mode="best", epoch=7, selected_by="test_loss"))
+    )
     result = evaluate(eval_cfg(run, "eval.protocols=[default,hits_over_k]"))
     assert main([str(tmp_path / "outputs" / "*"), "--csv", str(tmp_path / "t.csv")]) == 0
     text = capsys.readouterr().out
-    assert "| sketchy | sketchy_21 ZS | best (epoch 7) | test_loss (on test data) | default | original |" in text
+    assert (
+        "| sketchy | sketchy_21 ZS | best (epoch 7) | test_loss (on test data) | default | "
+        "original |" in text
+    )
     rows = list(csv.DictReader(open(tmp_path / "t.csv")))
     assert len(rows) == 4 and {r["protocol"] for r in rows} == {"default", "hits_over_k"}
     first = rows[0]

@@ -1,4 +1,5 @@
 """Training loop details: gradient accumulation, skipping non-finite batches, wandb fallback."""
+
 import logging
 import sys
 
@@ -20,12 +21,14 @@ def test_gradient_accumulation_takes_one_step_per_accum_batches(tmp_path, tiny_t
 
 def test_nonfinite_batches_are_skipped_and_counted(tmp_path, tiny_train_cfg, monkeypatch):
     from model.loss import ModalityAwareLoss
+
     real, calls = ModalityAwareLoss.__call__, {"n": 0}
 
     def every_other_nan(*a, **k):
         total, losses = real(*a, **k)
         calls["n"] += 1
         return (total * float("nan"), losses) if calls["n"] % 2 == 0 else (total, losses)
+
     monkeypatch.setattr(ModalityAwareLoss, "__call__", every_other_nan)
     result = train(tiny_train_cfg("train.batch_size=32", "train.on_nonfinite=skip"), tmp_path / "r")
     assert result["history"][0]["step"] == 4  # 8 batches, every second one skipped
@@ -41,6 +44,7 @@ def test_wandb_falls_back_instead_of_failing(tmp_path, tiny_train_cfg, monkeypat
     def no_network(mode, **kwargs):
         modes.append(mode)
         raise wandb.errors.CommError("network unreachable")
+
     monkeypatch.setattr(wandb, "init", no_network)
     cfg = tiny_train_cfg("logger.wandb.mode=online")
     assert logs.init_wandb(cfg, tmp_path, None) is None
@@ -70,17 +74,22 @@ def test_test_loss_selection_is_the_authors_and_is_labelled(tmp_path, tiny_train
     from pipeline.infer import infer
     from pipeline.evaluate import evaluate
     from tests.conftest import compose_cfg
+
     losses = iter([0.7, 0.5, 0.5, 0.9])
     monkeypatch.setattr(selection_module, "split_loss", lambda *a, **k: next(losses))
     run = tmp_path / "run"
-    result = train(tiny_train_cfg("train.epochs=4", "train.select=test_loss", "dataset.cls_ratio=1.0"), run)
+    result = train(
+        tiny_train_cfg("train.epochs=4", "train.select=test_loss", "dataset.cls_ratio=1.0"), run
+    )
     assert [h["score"] for h in result["history"]] == [-0.7, -0.5, -0.5, -0.9]
     best = torch.load(run / "model" / "best.pth", weights_only=True)
     assert best["epoch"] == 3 and best["selected_by"] == "test_loss"
     assert "TEST split" in (run / "train.log").read_text()
     assert "select: test_loss" in (run / "config.yaml").read_text()
     infer(compose_cfg("config-infer", [f"path={run}", "device=cpu", "num_workers=0"]))
-    out = evaluate(compose_cfg("config-eval", [f"path={run}", "eval.device=cpu", "eval.report.enabled=false"]))
+    out = evaluate(
+        compose_cfg("config-eval", [f"path={run}", "eval.device=cpu", "eval.report.enabled=false"])
+    )
     assert out["checkpoint_chosen_on_test_data"] is True and out["inference"]["epoch"] == 3
 
 
@@ -90,6 +99,7 @@ def test_split_loss_is_the_mean_of_the_batch_losses_in_eval_mode(tiny_train_cfg,
     from model.backbone import build_model, loss_ratios
     from model.loss import ModalityAwareLoss
     from metrics.validation import split_loss
+
     cfg = tiny_train_cfg("train.batch_size=24")
     model, _, eval_tf, tok = build_model(cfg.model)
     rows = make_splits(cfg.dataset).test[:50]
@@ -98,11 +108,13 @@ def test_split_loss_is_the_mean_of_the_batch_losses_in_eval_mode(tiny_train_cfg,
     expect = []
     with torch.no_grad():
         for s in range(0, 50, 24):
-            part = rows[s:s + 24]
+            part = rows[s : s + 24]
             images = torch.stack([eval_tf(open_image(r0 / r["img_path"])) for r0, r in part])
             z_img = model.encode_image(images)
             z_txt = model.encode_text(tok([r["text"] for _, r in part]))
             m1 = torch.tensor([r["m1"] for _, r in part])
             m2 = torch.tensor([r["m2"] for _, r in part])
-            expect.append(ModalityAwareLoss(loss_ratios(cfg.model))(model, z_img, z_txt, m1, m2)[0].item())
+            expect.append(
+                ModalityAwareLoss(loss_ratios(cfg.model))(model, z_img, z_txt, m1, m2)[0].item()
+            )
     assert got == pytest.approx(sum(expect) / len(expect), abs=1e-5)
