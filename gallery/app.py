@@ -1,19 +1,72 @@
 """The search web app: draw on a canvas, upload a sketch or type words, press Search, see the
-top-k photos of a gallery with their scores. Served by gradio on 127.0.0.1 only."""
+top-k photos of a gallery with their scores. Served by gradio on 127.0.0.1 only.
 
+What it exposes: the result photos as thumbnails it writes itself (nothing under the gallery
+folder is served as a file), to requests whose Host is the address it serves (a page elsewhere
+that rebinds its name to 127.0.0.1 is refused). Uploads are limited in size, read by search.py's
+query reader, and kept in a temporary folder of the app's own, removed when it stops."""
+
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-from gallery.search import IMAGE_MODALITIES, QUERY_MODES, Searcher
+from PIL import Image, ImageOps
+
+from gallery.search import IMAGE_MODALITIES, QUERY_MODES, Searcher, load_query_image
 from runtime.io import atomic_path
 from runtime.errors import UserError
 from runtime.logs import setup_logging
+from runtime.signals import exit_on_sigterm, sigterm_handler
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves this machine
 import gradio as gr  # noqa: E402
+from starlette.middleware import Middleware  # noqa: E402
 
 HOST = "127.0.0.1"
 SOURCES = ("draw", "upload", "words")
+THUMBNAIL = 384  # px, the longer side of a result shown in the page
+
+
+class HostGuard:
+    """ASGI middleware: answers 403 to a request whose Host header is not the served address
+    (DNS rebinding: a foreign page whose name resolves to 127.0.0.1 sends its own name)."""
+
+    def __init__(self, app, port):
+        self.app = app
+        self.allowed = {f"{h}:{port}" for h in (HOST, "localhost")} | {HOST, "localhost"}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket"):
+            host = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1").lower()
+            if host not in self.allowed:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                body = f"refused: Host {host!r} is not this app's address\n".encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 403,
+                        "headers": [
+                            (b"content-type", b"text/plain"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def thumbnail(file):
+    """A result photo as a small upright RGB image (the page never gets the file itself)."""
+    with Image.open(file) as im:
+        im.draft("RGB", (THUMBNAIL, THUMBNAIL))  # JPEGs decode at a reduced size directly
+        im = ImageOps.exif_transpose(im).convert("RGB")
+    im.thumbnail((THUMBNAIL, THUMBNAIL))
+    return im
 
 
 def _query_image(source, drawing, upload):
@@ -23,7 +76,7 @@ def _query_image(source, drawing, upload):
         return drawing["composite"]
     if upload is None:
         raise UserError("no image uploaded: upload a sketch or a photo first (or draw one).")
-    return upload
+    return load_query_image(upload)  # a file in the app's upload folder, read as search.py reads
 
 
 def make_handler(searcher, save_queries=None):
@@ -48,7 +101,7 @@ def make_handler(searcher, save_queries=None):
             hits = searcher.search(vector, int(k))
         except UserError as e:
             raise gr.Error(str(e)) from None
-        items = [(str(h.file), f"{h.rank}. {h.score:.3f}  {h.path}") for h in hits]
+        items = [(thumbnail(h.file), f"{h.rank}. {h.score:.3f}  {h.path}") for h in hits]
         return items, _status(searcher, what, query_mode, hits)
 
     return run
@@ -102,8 +155,7 @@ def build_app(searcher, k=10, query_mode="converted", save_queries=None, query_m
                     with gr.Tab("Upload") as upload_tab:
                         upload = gr.Image(
                             label="Sketch or photo",
-                            type="pil",
-                            image_mode="RGBA",
+                            type="filepath",
                             sources=["upload"],
                         )
                         upload_modality = gr.Radio(
@@ -140,22 +192,36 @@ def build_app(searcher, k=10, query_mode="converted", save_queries=None, query_m
 def serve(cfg, block=True):
     """The app.py entry point: index the gallery (if needed), then serve on 127.0.0.1:<port>."""
     setup_logging()
+    max_mb = cfg.get("max_upload_mb", 10)
+    if not isinstance(max_mb, (int, float)) or isinstance(max_mb, bool) or max_mb <= 0:
+        raise UserError(f"max_upload_mb={max_mb!r}: give the upload limit in MB, a number above 0.")
+    own = Path(tempfile.mkdtemp(prefix="ma-sbir-app-"))  # gradio's uploads and result thumbnails
+    os.environ["GRADIO_TEMP_DIR"] = str(own)
+    atexit.register(shutil.rmtree, own, ignore_errors=True)
     searcher = Searcher(cfg)
     demo = build_app(
         searcher, int(cfg.k), cfg.query_mode, cfg.get("save_queries"), cfg.query_modality
     )
     print(
         f"serving {len(searcher.gallery.paths)} photos of {searcher.gallery.root} at "
-        f"http://{HOST}:{cfg.port}",
+        f"http://{HOST}:{cfg.port} (uploads and thumbnails in {own}, removed at exit)",
         flush=True,
     )
+    sigterm_handler(exit_on_sigterm)  # SIGTERM exits through atexit, which removes that folder
     demo.launch(
         server_name=HOST,
         server_port=int(cfg.port),
-        allowed_paths=[str(Path(cfg.gallery).resolve())],
+        max_file_size=int(max_mb * 2**20),
+        app_kwargs={"middleware": [Middleware(HostGuard, port=int(cfg.port))]},
         ssr_mode=False,
-        prevent_thread_lock=not block,
+        prevent_thread_lock=True,
         quiet=False,
         footer_links=["api"],
     )
+    # gradio adds its CORS middleware outside the guard given above; put the guard outermost, so
+    # that a foreign Host gets no allow-origin header either (Starlette rebuilds the stack).
+    demo.app.user_middleware.insert(0, Middleware(HostGuard, port=int(cfg.port)))
+    demo.app.middleware_stack = None
+    if block:
+        demo.block_thread()
     return demo

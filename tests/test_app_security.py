@@ -1,0 +1,142 @@
+"""What the app exposes: only result thumbnails it writes itself, never a file of the gallery
+folder; nothing to a request with a foreign Host (DNS rebinding); uploads limited in size and
+removed with the app's own temporary folder when it stops."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.search_fixtures import free_port, make_gallery, random_run
+
+pytestmark = pytest.mark.slow  # starts app.py in a process of its own
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, demo_root):
+    tmp = tmp_path_factory.mktemp("app-security")
+    run = random_run(tmp / "run")
+    gallery = make_gallery(tmp / "photos", demo_root, classes=("kite", "sun"), n=3)
+    (gallery / "notes.txt").write_text("secret notes\n")
+    (gallery / ".git").mkdir()
+    (gallery / ".git" / "config").write_text("[core] secret\n")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "app.py",
+            f"path={run}",
+            f"gallery={gallery}",
+            "device=cpu",
+            "num_workers=0",
+            "precision=fp32",
+            f"port={port}",
+            "max_upload_mb=1",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    url = f"http://127.0.0.1:{port}/"
+    lines, deadline = [], time.monotonic() + 120
+    while True:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "serving" in line:
+            break
+        if (not line and proc.poll() is not None) or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("app.py did not come up: " + "".join(lines))
+    own = Path(re.search(r"thumbnails in (\S+),", line).group(1))
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail("app.py does not answer")
+            time.sleep(0.3)
+    yield dict(url=url, port=port, gallery=gallery, proc=proc, own=own)
+    if proc.poll() is None:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def fetch(url, headers=None, data=None):
+    req = urllib.request.Request(url, headers=headers or {}, data=data)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read(), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), dict(e.headers)
+
+
+def test_no_file_route_serves_a_file_of_the_gallery_folder(app):
+    g = app["gallery"]
+    photo = next((g / "kite").iterdir())
+    targets = [g / "notes.txt", g / ".git" / "config", photo]
+    for target in targets:
+        for route in ("gradio_api/file=", "file=", "gradio_api/file/", "gradio_api/files/"):
+            for form in (str(target), str(target.relative_to(g)), f"{g}/./{target.name}"):
+                status, body, _ = fetch(app["url"] + route + form)
+                assert b"secret" not in body, (route, form)
+                assert status != 200 or target.read_bytes() not in body, (route, form, status)
+
+
+def test_search_results_come_back_as_thumbnails(app):
+    from gradio_client import Client
+
+    client = Client(app["url"], verbose=False)
+    items, status = client.predict(
+        "words", None, None, "sketch", "a kite", "converted", 3, api_name="/search"
+    )
+    assert len(items) == 3 and "Top 3 of 6 photos" in status
+    for item in items:
+        assert Path(item["image"]).is_file()  # downloaded through the app: served to the page
+
+
+def test_a_foreign_host_is_refused_without_an_allow_origin_header(app):
+    status, body, headers = fetch(
+        app["url"] + "config", headers={"Host": "evil.example", "Origin": "http://evil.example"}
+    )
+    assert status == 403 and b"not this app's address" in body
+    assert not any(k.lower() == "access-control-allow-origin" for k in headers)
+    status, _, _ = fetch(app["url"] + "config", headers={"Host": f"localhost:{app['port']}"})
+    assert status == 200
+
+
+def test_an_upload_over_the_limit_is_refused(app):
+    boundary = "xyzzy"
+    payload = os.urandom(2 * 2**20)  # 2 MB against max_upload_mb=1
+    data = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
+            f'filename="big.png"\r\nContent-Type: image/png\r\n\r\n'
+        ).encode()
+        + payload
+        + (f"\r\n--{boundary}--\r\n").encode()
+    )
+    status, body, _ = fetch(
+        app["url"] + "gradio_api/upload",
+        data=data,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert status in (400, 413), (status, body[:200])
+    assert not [p for p in app["own"].rglob("big.png")]
+
+
+def test_the_apps_temporary_folder_is_gone_after_it_stops(app):
+    assert app["own"].is_dir()
+    app["proc"].terminate()
+    app["proc"].wait(timeout=30)
+    assert not app["own"].exists()
