@@ -79,6 +79,16 @@ def _query_image(source, drawing, upload):
     return load_query_image(upload)  # a file in the app's upload folder, read as search.py reads
 
 
+def _preview(upload):
+    """The uploaded file as the query reader reads it (its one-line error in the page if not)."""
+    if upload is None:
+        return None
+    try:
+        return load_query_image(upload)
+    except UserError as e:
+        raise gr.Error(str(e)) from None
+
+
 def make_handler(searcher, save_queries=None):
     """The function behind the Search button: (source, drawing, upload, upload_modality, text,
     query_mode, k) -> (gallery items, status markdown). A drawing is a sketch; an upload is what
@@ -153,11 +163,12 @@ def build_app(searcher, k=10, query_mode="converted", save_queries=None, query_m
                             brush=gr.Brush(default_size=8, colors=["#000000"], color_mode="fixed"),
                         )
                     with gr.Tab("Upload") as upload_tab:
-                        upload = gr.Image(
-                            label="Sketch or photo",
-                            type="filepath",
-                            sources=["upload"],
+                        # a file, not gr.Image: gradio would decode it itself, and a file that is
+                        # no image would end in a bare "Error" instead of the query reader's line
+                        upload = gr.File(
+                            label="Sketch or photo", type="filepath", file_types=["image"]
                         )
+                        preview = gr.Image(label="Uploaded", interactive=False, height=200)
                         upload_modality = gr.Radio(
                             list(IMAGE_MODALITIES),
                             value=query_modality,
@@ -182,6 +193,7 @@ def build_app(searcher, k=10, query_mode="converted", save_queries=None, query_m
                 status = gr.Markdown(elem_id="status")
         for tab, name in ((draw_tab, "draw"), (upload_tab, "upload"), (words_tab, "words")):
             tab.select(lambda name=name: name, None, source, api_visibility="private")
+        upload.change(_preview, upload, preview, api_visibility="private")
         handler = make_handler(searcher, save_queries)
         inputs = [source, drawing, upload, upload_modality, text, query_mode, k_slider]
         button.click(handler, inputs, [results, status], api_name="search")

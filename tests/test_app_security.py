@@ -135,6 +135,18 @@ def test_an_upload_over_the_limit_is_refused(app):
     assert not [p for p in app["own"].rglob("big.png")]
 
 
+def test_an_upload_that_is_no_image_gets_the_query_readers_message(app, tmp_path):
+    from gradio_client import Client, handle_file
+
+    fake = tmp_path / "sketch.png"
+    fake.write_bytes(b"this is no image " * 100)
+    client = Client(app["url"], verbose=False)
+    with pytest.raises(Exception, match="is not an image that can be read"):
+        client.predict(
+            "upload", None, handle_file(str(fake)), "sketch", "", "converted", 3, api_name="/search"
+        )
+
+
 def test_the_apps_temporary_folder_is_gone_after_it_stops(app):
     assert app["own"].is_dir()
     app["proc"].terminate()
