@@ -1,6 +1,7 @@
 """Config entry checks of train, infer and evaluate: the authors' key names mapped to ours, and
 every value checked by its schema field's check (config/schema.py) before any work, all bad values
 in one clear error."""
+import difflib
 from dataclasses import fields, is_dataclass
 
 from omegaconf import OmegaConf, open_dict
@@ -50,7 +51,7 @@ def apply_aliases(cfg, kind, given=()):
     """Move each alias's value onto its canonical key and drop the alias. `given`: the command-line
     overrides; an alias and its canonical key both given with different values is an error."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    table = {"train": TRAIN_ALIASES, "infer": INFER_ALIASES, "eval": EVAL_ALIASES}[kind]
+    table = {"train": TRAIN_ALIASES, "infer": INFER_ALIASES, "eval": EVAL_ALIASES}.get(kind, ())
     for alias, key, convert in table:
         value = OmegaConf.select(cfg, alias)
         if value is None:
@@ -64,7 +65,7 @@ def apply_aliases(cfg, kind, given=()):
         _drop(cfg, alias)
     if kind == "train":
         _train_specials(cfg)
-    for alias in AUTHORS_ONLY[kind]:
+    for alias in AUTHORS_ONLY.get(kind, ()):
         _drop(cfg, alias)
     for key in [k for k, v in cfg.items() if OmegaConf.is_dict(v) and len(v) == 0]:
         cfg.pop(key)  # a group that held only aliases
@@ -147,7 +148,10 @@ def _unknown_keys(cfg, schema, kind, prefix=""):
     for key in cfg:
         if key not in known:
             if not (kind == "train" and not prefix and key == "run"):  # train.py's record of the classes
-                problems.append(f"{prefix}{key} is not a setting (nothing reads it; see config/schema.py)")
+                near = difflib.get_close_matches(str(key), list(known), n=1)
+                hint = f"; did you mean {prefix}{near[0]}?" if near else ""
+                problems.append(f"{prefix}{key} is not a setting (nothing reads it; see "
+                                f"config/schema.py){hint}")
         elif is_dataclass(known[key]) and OmegaConf.is_dict(cfg[key]):
             problems += _unknown_keys(cfg[key], known[key], kind, f"{prefix}{key}.")
     return problems

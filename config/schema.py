@@ -1,4 +1,4 @@
-"""Typed config: the dataclasses behind setting/config-{train,infer,eval}.yaml and the model and
+"""Typed config: the dataclasses behind setting/config-{train,infer,eval,search,app}.yaml and the model and
 dataset groups, registered in Hydra's ConfigStore. Each field holds its one default, its type
 (Hydra refuses a wrong type at composition) and its range check (config/entry.py, before any work).
 The defaults are the authors' recipe (eunyi-lyou/MA-ZS-SBIR); the group files set only what differs."""
@@ -210,7 +210,53 @@ class EvalConfig:
     batch_size: Optional[int] = alias()  # = eval.chunk_size
 
 
-SCHEMAS = {"train": TrainConfig, "infer": InferConfig, "eval": EvalConfig}
+@dataclass
+class IndexSection:  # the gallery index of search.py and app.py (gallery/index.py, gallery/ann.py)
+    kind: str = setting("flat", one_of("flat", "hnsw"))  # exact IndexFlatIP | approximate HNSW
+    hnsw_m: int = setting(32, integer(2, 1024))
+    ef_construction: int = setting(200, integer(1, 1_000_000))
+    ef_search: int = setting(128, integer(1, 1_000_000))
+    save_every_s: float = setting(60, number(0, lo_open=True))  # an interrupted build keeps this
+    cache_dir: Optional[str] = setting(None, text(optional=True))  # null: ~/.cache/ma-sbir/index
+
+
+@dataclass
+class GalleryRun:  # what search.py and app.py share: the run, the photo folder, embedding it
+    path: str = setting(MISSING, text())  # the run folder written by train.py
+    mode: str = setting("best", one_of("best", "last"))
+    gallery: str = setting(MISSING, text())  # a folder of photos, searched recursively
+    query_modality: str = setting("sketch", one_of("sketch", "photo"))
+    query_mode: str = setting("converted", one_of("original", "converted"))
+    device: str = setting("auto", text())
+    precision: str = setting("bf16", one_of(*PRECISIONS))
+    batch_size: int = setting(64, integer(1, 1_000_000))  # images per batch while indexing
+    num_workers: int = setting(2, integer(0, 256))
+    index: IndexSection = field(default_factory=IndexSection)
+
+
+@dataclass
+class SearchConfig(GalleryRun):
+    k: int = setting(10, integer(1, 100_000))
+    out: str = setting("search_results", text())  # results.html goes here
+    query: Optional[str] = setting(None, text(optional=True))  # a sketch or photo file ...
+    text: Optional[str] = setting(None, text(optional=True))  # ... or words (last: it shadows text)
+
+
+@dataclass
+class AppConfig(GalleryRun):
+    port: int = setting(7860, integer(1, 65_535))  # served on 127.0.0.1 only
+    k: int = setting(10, integer(1, 100))  # results shown at first (the page has a slider to 100)
+    save_queries: Optional[str] = setting(None, text(optional=True))  # a folder: last-query.png
+    max_upload_mb: float = setting(10, number(0, 10_000, lo_open=True))
+
+
+SCHEMAS = {
+    "train": TrainConfig,
+    "infer": InferConfig,
+    "eval": EvalConfig,
+    "search": SearchConfig,
+    "app": AppConfig,
+}
 
 
 def register():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from config.entry import prepare
 from gallery.search import IMAGE_MODALITIES, QUERY_MODES, Searcher, load_query_image
 from runtime.io import atomic_path
 from runtime.errors import UserError
@@ -203,10 +204,9 @@ def build_app(searcher, k=10, query_mode="converted", save_queries=None, query_m
 
 def serve(cfg, block=True):
     """The app.py entry point: index the gallery (if needed), then serve on 127.0.0.1:<port>."""
+    cfg = prepare(cfg, "app")  # every value checked before any work
     setup_logging()
-    max_mb = cfg.get("max_upload_mb", 10)
-    if not isinstance(max_mb, (int, float)) or isinstance(max_mb, bool) or max_mb <= 0:
-        raise UserError(f"max_upload_mb={max_mb!r}: give the upload limit in MB, a number above 0.")
+    max_mb = cfg.max_upload_mb
     own = Path(tempfile.mkdtemp(prefix="ma-sbir-app-"))  # gradio's uploads and result thumbnails
     os.environ["GRADIO_TEMP_DIR"] = str(own)
     atexit.register(shutil.rmtree, own, ignore_errors=True)

@@ -13,6 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.backbone import build_model
 from model.checkpoint import load_checkpoint
+from config.entry import prepare
 from gallery.ann import gallery_ann, top_k
 from gallery.index import index_folder, update_index
 from runtime.io import save_text
@@ -126,6 +127,7 @@ class Searcher:
 
 def search(cfg):
     """The search.py entry point: prints the top-k photos and writes results.html; returns the hits."""
+    cfg = prepare(cfg, "search")  # every value checked before any work
     setup_logging()
     if (cfg.query is None) == (cfg.text is None):
         raise UserError("give exactly one query: query=<sketch or photo file> or text=\"some words\".")

@@ -163,8 +163,8 @@ BAD_INPUT = {
     "all_unreadable": "none of the 1 images under gallery folder .* could be read",
     "no_checkpoint": "holds no trained model: train first",
     "both": "give exactly one query",
-    "bad_mode": "unknown query_mode='sideways'",
-    "bad_modality": "unknown query_modality='drawing'. Use sketch or photo",
+    "bad_mode": "query_mode='sideways' must be one of original, converted",
+    "bad_modality": "query_modality='drawing' must be one of sketch, photo",
 }
 
 
