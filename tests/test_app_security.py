@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -86,8 +87,23 @@ def test_no_file_route_serves_a_file_of_the_gallery_folder(app):
     photo = next((g / "kite").iterdir())
     targets = [g / "notes.txt", g / ".git" / "config", photo]
     for target in targets:
-        for route in ("gradio_api/file=", "file=", "gradio_api/file/", "gradio_api/files/"):
-            for form in (str(target), str(target.relative_to(g)), f"{g}/./{target.name}"):
+        for route in (
+            "gradio_api/file=",
+            "file=",
+            "gradio_api/file/",
+            "gradio_api/files/",
+            "files/",
+            "gradio_api/static/",
+            "static/",
+            "gradio_api/file%3D",
+        ):
+            forms = (
+                str(target),
+                str(target.relative_to(g)),
+                f"{g}/./{target.name}",
+                urllib.parse.quote(str(target)),
+            )
+            for form in forms:
                 status, body, _ = fetch(app["url"] + route + form)
                 assert b"secret" not in body, (route, form)
                 assert status != 200 or target.read_bytes() not in body, (route, form, status)
