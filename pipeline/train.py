@@ -289,8 +289,10 @@ class Trainer:
             save_checkpoint(state, path)
         except UserError as e:
             other = [p for p in (self.run.last, self.run.best) if p != path and p.is_file()]
-            raise UserError(f"{e}" + (f" {other[0]} is intact too." if other else "")
-                            + f" Then continue with python train.py resume={self.run.path}.") from None
+            then = (f" Then continue with python train.py resume={self.run.path}." if self.run.last.is_file()
+                    else f" The run had no checkpoint yet; its train.log and config.yaml are kept in "
+                         f"{self.run.path}. Then start the run again in a new folder.")
+            raise type(e)(f"{e}" + (f" {other[0]} is intact too." if other else "") + then) from None
 
 
 def best_state(ckpt):
@@ -307,12 +309,14 @@ def train(cfg, run_dir, given=()):
     if info.is_main:
         run.claim(resume=bool(cfg.resume))
     previous = sigterm_handler(exit_on_sigterm)  # until fit() takes SIGTERM over
+    trainer = None
     try:
         trainer = Trainer(cfg, run, info)
         sigterm_handler(previous)
         return trainer.fit()
     except BaseException:
-        if info.is_main and not run.has_checkpoint():
+        worked = trainer is not None and trainer.progress.step > 0  # train.log holds real work
+        if info.is_main and not run.has_checkpoint() and not worked:
             setup_logging(None)  # release train.log
             run.discard_failed_start()
         raise

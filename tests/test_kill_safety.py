@@ -153,3 +153,55 @@ def test_a_finished_best_is_not_rewritten_on_resume(tmp_path, tiny_train_cfg):
     before = (run / "model" / "best.pth").stat().st_mtime_ns
     train(resume_config(run, []), run)
     assert (run / "model" / "best.pth").stat().st_mtime_ns == before
+
+
+TORCH_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
+
+
+def test_torchs_own_form_of_a_full_disk_is_disk_full(tmp_path, monkeypatch):
+    path = tmp_path / "last.pth"
+    save_torch({"w": torch.ones(2)}, path)
+    for text in (TORCH_FULL, "PytorchStreamWriter failed writing file data/0: file write failed"):
+        def full(obj, f, *a, **k):
+            raise RuntimeError(text)
+        monkeypatch.setattr(torch, "save", full)
+        with pytest.raises(DiskFullError, match=r"no space left on the device \(torch: .*last.pth is intact"):
+            save_torch({"w": torch.zeros(2)}, path)
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="^other$"):  # any other failure is not called a full disk
+        save_torch({"w": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["last.pth"]
+
+
+def test_a_full_disk_at_the_first_checkpoint_keeps_the_runs_log(tmp_path, tiny_train_cfg, monkeypatch):
+    run = tmp_path / "run"
+
+    def full(obj, f, *a, **k):
+        raise RuntimeError(TORCH_FULL)
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(DiskFullError, match=r"no space left.*no file was written.*train.log and config.yaml "
+                                            r"are kept"):
+        train(tiny_train_cfg(), run)
+    monkeypatch.undo()
+    assert (run / "config.yaml").is_file() and "epoch 1 step" in (run / "train.log").read_text()
+    assert not list((run / "model").glob("*.pth"))
+
+
+def test_a_real_full_filesystem(tmp_path):
+    """A small tmpfs filled up: torch's writer fails as it does there (not with ENOSPC)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'not permitted'})")
+    try:
+        save_torch({"w": torch.ones(4)}, mnt / "last.pth")
+        with pytest.raises(DiskFullError, match=r"no space left on the device .*last.pth is intact"):
+            save_torch({"w": torch.zeros(1 << 18)}, mnt / "last.pth")
+        assert os.listdir(mnt) == ["last.pth"]
+        assert torch.equal(torch.load(mnt / "last.pth", weights_only=True)["w"], torch.ones(4))
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
