@@ -245,3 +245,11 @@ def test_infer_never_generates_a_demo_at_a_mistyped_root(tmp_path, demo_root):
     assert not typo.exists()
     ok = test_dataset_config(trained, compose_cfg("config-infer", ["path=x"]))
     assert str(ok.root) == str(demo_root)
+
+
+def test_infer_with_model_n_mode_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "infer.py"), f"path={tmp_path}", "model.n_mode=5"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "model.n_mode=5 is a training setting: infer takes it from the run's checkpoint" in r.stderr
+    assert not (tmp_path / "infer_output").exists()
