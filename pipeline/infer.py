@@ -42,9 +42,9 @@ def refuse_a_new_demo(dcfg):
         return
     root = dcfg["root"].get("demo") if OmegaConf.is_dict(dcfg["root"]) else dcfg["root"]
     if root and not (Path(str(root)).expanduser() / "demo.json").is_file():
-        raise UserError(f"dataset.root={root} holds no demo dataset (no demo.json); infer never generates "
-                        f"data. Pass the root the run trained on (its config.yaml, dataset.root), or "
-                        f"leave dataset.root out.")
+        raise UserError(f"dataset.root={root} holds no demo dataset (no demo.json); infer never "
+                        f"generates data. Pass the root the run trained on (its config.yaml, "
+                        f"dataset.root), or leave dataset.root out.")
 
 
 def gather_shards(emb, n, info, device):

@@ -289,10 +289,12 @@ class Trainer:
             save_checkpoint(state, path)
         except UserError as e:
             other = [p for p in (self.run.last, self.run.best) if p != path and p.is_file()]
-            then = (f" Then continue with python train.py resume={self.run.path}." if self.run.last.is_file()
-                    else f" The run had no checkpoint yet; its train.log and config.yaml are kept in "
-                         f"{self.run.path}. Then start the run again in a new folder.")
-            raise type(e)(f"{e}" + (f" {other[0]} is intact too." if other else "") + then) from None
+            then = (f" Then continue with python train.py resume={self.run.path}."
+                    if self.run.last.is_file() else
+                    f" The run had no checkpoint yet; its train.log and config.yaml are kept in "
+                    f"{self.run.path}. Then start the run again in a new folder.")
+            intact = f" {other[0]} is intact too." if other else ""
+            raise type(e)(f"{e}{intact}{then}") from None
 
 
 def best_state(ckpt):

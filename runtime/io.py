@@ -42,7 +42,8 @@ def atomic_path(path):
     except (OSError, RuntimeError) as e:
         reason = disk_full_reason(e)
         if reason is not None:
-            raise DiskFullError(f"no space left on the device ({reason}) while writing {path}; nothing was "
+            raise DiskFullError(f"no space left on the device ({reason}) while writing {path}; "
+                                f"nothing was "
                                 f"replaced: {'the previous ' + path.name + ' is intact' if path.exists() else 'no file was written'}. "
                                 f"Free some space (df -h {path.parent}) and run again.") from None
         raise
