@@ -38,8 +38,9 @@ TRAIN_ALIASES = [
 INFER_ALIASES = [("train.batch_size", "batch_size", None)]
 EVAL_ALIASES = [("batch_size", "eval.chunk_size", None)]
 # The authors' keys whose value needs no key of its own here (checked, then dropped).
-AUTHORS_ONLY = {"train": ["model.d_model"], "infer": ["model.backbone", "model.max_length", "pin_memory",
-                                                      "dataset.valid_partial_ratio"],
+AUTHORS_ONLY = {"train": ["model.d_model"],
+                "infer": ["model.backbone", "model.max_length", "model.n_mode", "pin_memory",
+                          "dataset.valid_partial_ratio"],
                 "eval": ["dataset.valid_partial_ratio"]}
 
 
@@ -65,6 +66,11 @@ def apply_aliases(cfg, kind, given=()):
         _drop(cfg, alias)
     if kind == "train":
         _train_specials(cfg)
+    n_mode = OmegaConf.select(cfg, "model.n_mode")
+    if kind == "infer" and n_mode is not None:
+        raise UserError(f"model.n_mode={n_mode} is a training setting: infer takes it from the "
+                        f"run's checkpoint (its config.yaml), which fixes the model's mode "
+                        f"vectors. Leave it out.")
     for alias in AUTHORS_ONLY.get(kind, ()):
         _drop(cfg, alias)
     for key in [k for k, v in cfg.items() if OmegaConf.is_dict(v) and len(v) == 0]:

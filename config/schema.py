@@ -157,6 +157,7 @@ class InferTrainAliases:
 class InferModelAliases:  # taken from the run
     backbone: Optional[str] = alias()
     max_length: Optional[int] = alias()
+    n_mode: Optional[int] = alias()  # refused: fixed by the run's checkpoint (config/entry.py)
 
 
 @dataclass

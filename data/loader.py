@@ -1,6 +1,7 @@
 """Image dataset and loaders: decoding and transforms run in worker processes, prompts are
 tokenised once per distinct prompt, and each sample carries the id of its prompt."""
 import os
+import signal
 import warnings
 
 import torch
@@ -99,13 +100,22 @@ def collate(batch):
                 m2=as_long(m2), label=as_long(labels), index=as_long(idx))
 
 
+def ignore_stop_signals(worker_id=None):
+    """worker_init_fn of every loader: a SIGTERM or SIGINT sent to the whole process group (SLURM,
+    scancel, timeout, Ctrl-C) is the trainer's to answer (it saves last.pth and exits). A worker
+    that died of it first would crash the trainer before that save. Workers still end with their
+    parent: torch stops them at shutdown and they watch it die."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_loader(dataset, batch_size, num_workers, shuffle, seed=0, drop_last=False, sampler=None):
     generator = torch.Generator().manual_seed(seed)
     num_workers = min(num_workers, os.cpu_count() or 1)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
                       sampler=sampler, num_workers=num_workers, collate_fn=collate,
                       drop_last=drop_last, generator=generator, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
 
 
 def normalization(transform):

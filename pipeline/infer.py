@@ -28,7 +28,23 @@ def test_dataset_config(train_cfg, cfg):
     for key in ("test_idx", "root", "max_image_pixels"):
         if cfg.dataset[key] is not None:
             dcfg[key] = cfg.dataset[key]
+    refuse_a_new_demo(dcfg)
     return dcfg
+
+
+def refuse_a_new_demo(dcfg):
+    """Training generates the demo dataset at a new dataset.root; infer must not: a mistyped root
+    would embed a freshly generated demo and overwrite the run's infer output."""
+    from pathlib import Path
+
+    from data.layouts import resolve_name
+    if resolve_name(dcfg["test_idx"]) != "demo":
+        return
+    root = dcfg["root"].get("demo") if OmegaConf.is_dict(dcfg["root"]) else dcfg["root"]
+    if root and not (Path(str(root)).expanduser() / "demo.json").is_file():
+        raise UserError(f"dataset.root={root} holds no demo dataset (no demo.json); infer never "
+                        f"generates data. Pass the root the run trained on (its config.yaml, "
+                        f"dataset.root), or leave dataset.root out.")
 
 
 def gather_shards(emb, n, info, device):

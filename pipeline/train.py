@@ -12,7 +12,7 @@ from tqdm import tqdm
 from data.check import check_before_training
 from data.index import make_splits
 from data.cached import image_dataset
-from data.loader import PromptTable, collate, model_input
+from data.loader import PromptTable, collate, ignore_stop_signals, model_input
 from data.sampler import ResumableSampler
 from model.backbone import build_model, loss_ratios
 from model.loss import ModalityAwareLoss
@@ -83,7 +83,23 @@ class Trainer:
                             f"its first checkpoint). Start a new run in a new folder; this one is left as it is.")
         ckpt = load_checkpoint(self.run.last)
         check_compatible(ckpt["config"], self.cfg, self.run.last)
+        if ckpt.get("best_pending") and self.info.is_main:
+            self.complete_best(ckpt)
         return ckpt
+
+    def complete_best(self, last):
+        """last.pth of an epoch that improved the selection is written before best.pth; a kill
+        between the two left best.pth missing or older: written here from last.pth's weights."""
+        best = self.run.best
+        try:
+            have = load_checkpoint(best) if best.is_file() else None
+        except UserError:  # cut by the kill
+            have = None
+        if have is not None and have.get("step") == last["step"]:
+            return
+        self.save(best_state(last), best)
+        log.info(f"best.pth of epoch {last['epoch']} was not written (the run was stopped just "
+                 f"before); written now from {self.run.last}")
 
     def write_config(self):
         """config.yaml (and .hydra/ of a new run): the settings, with what the run trains on."""
@@ -106,6 +122,7 @@ class Trainer:
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=int(cfg.train.batch_size), sampler=self.sampler,
             num_workers=min(int(cfg.train.num_workers), os.cpu_count() or 1), collate_fn=collate,
+            worker_init_fn=ignore_stop_signals,
             drop_last=info.enabled, pin_memory=bool(cfg.train.pin_memory) and self.device.type == "cuda")
         if len(self.loader) == 0:
             raise UserError(f"the training split has {len(self.dataset)} images, fewer than one batch per "
@@ -260,11 +277,10 @@ class Trainer:
                      + (f", {what}" if what else "") + (f"; best.pth <- epoch {p.epoch} ({self.select})" if improved else ""))
             if self.wandb is not None and score is not None:
                 self.wandb.log({"select/score": score}, step=p.step)
-            ckpt = self.checkpoint_state(0)
-            self.save(ckpt, self.run.last)
+            ckpt = dict(self.checkpoint_state(0), best_pending=bool(improved))
+            self.save(ckpt, self.run.last)  # a resume completes a best.pth a kill stopped
             if improved:  # weights for inference only
-                self.save({k: ckpt[k] for k in ("model", "config", "epoch", "step", "best", "selected_by")},
-                          self.run.best)
+                self.save(best_state(ckpt), self.run.best)
         if self.info.enabled:
             torch.distributed.barrier()
 
@@ -273,8 +289,17 @@ class Trainer:
             save_checkpoint(state, path)
         except UserError as e:
             other = [p for p in (self.run.last, self.run.best) if p != path and p.is_file()]
-            raise UserError(f"{e}" + (f" {other[0]} is intact too." if other else "")
-                            + f" Then continue with python train.py resume={self.run.path}.") from None
+            then = (f" Then continue with python train.py resume={self.run.path}."
+                    if self.run.last.is_file() else
+                    f" The run had no checkpoint yet; its train.log and config.yaml are kept in "
+                    f"{self.run.path}. Then start the run again in a new folder.")
+            intact = f" {other[0]} is intact too." if other else ""
+            raise type(e)(f"{e}{intact}{then}") from None
+
+
+def best_state(ckpt):
+    """What best.pth holds: weights for inference, and what they were selected by."""
+    return {k: ckpt[k] for k in ("model", "config", "epoch", "step", "best", "selected_by")}
 
 
 def train(cfg, run_dir, given=()):
@@ -286,12 +311,14 @@ def train(cfg, run_dir, given=()):
     if info.is_main:
         run.claim(resume=bool(cfg.resume))
     previous = sigterm_handler(exit_on_sigterm)  # until fit() takes SIGTERM over
+    trainer = None
     try:
         trainer = Trainer(cfg, run, info)
         sigterm_handler(previous)
         return trainer.fit()
     except BaseException:
-        if info.is_main and not run.has_checkpoint():
+        worked = trainer is not None and trainer.progress.step > 0  # train.log holds real work
+        if info.is_main and not run.has_checkpoint() and not worked:
             setup_logging(None)  # release train.log
             run.discard_failed_start()
         raise

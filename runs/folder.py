@@ -15,6 +15,24 @@ from runtime.errors import UserError
 
 MARKER = ".ma-sbir-run"
 STARTED = time.time()  # this process's start (the module is imported before Hydra makes folders)
+HELD = set()  # descriptors of the run-folder locks this process holds
+
+
+def _drop_locks_in_child():
+    """A forked child (a DataLoader worker) shares the parent's flock: it would keep the folder
+    locked after a kill -9 of the trainer until the workers die too (seconds). The child points
+    its copies of the lock descriptors at /dev/null, so the lock lives exactly as long as the
+    process that took it."""
+    if not HELD:
+        return
+    null = os.open(os.devnull, os.O_RDONLY)
+    for fd in list(HELD):
+        os.dup2(null, fd)  # drops the child's reference to the locked file, keeps fd valid
+    os.close(null)
+    HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 def _holder_text(f):
@@ -134,6 +152,7 @@ class RunFolder:
             raise UserError(f"run folder {self.path} is in use by {holder}. One trainer writes a run "
                             f"folder at a time: wait for it, stop it, or choose another folder.") from None
         self._lock = f
+        HELD.add(f.fileno())
         if not resume and (self.has_checkpoint() or self.config.is_file()):
             self.release()
             raise UserError(f"{self.path} already holds a run ({'model/*.pth' if self.has_checkpoint() else 'config.yaml'}). "
@@ -170,6 +189,7 @@ class RunFolder:
 
     def release(self):
         if self._lock is not None:
+            HELD.discard(self._lock.fileno())
             self._lock.close()  # closing drops the flock
             self._lock = None
 

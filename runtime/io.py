@@ -39,15 +39,32 @@ def atomic_path(path):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; use the usual permissions
         os.replace(tmp, path)
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(f"no space left on the device ({e.strerror}) while writing {path}; nothing was "
+    except (OSError, RuntimeError) as e:
+        reason = disk_full_reason(e)
+        if reason is not None:
+            raise DiskFullError(f"no space left on the device ({reason}) while writing {path}; "
+                                f"nothing was "
                                 f"replaced: {'the previous ' + path.name + ' is intact' if path.exists() else 'no file was written'}. "
                                 f"Free some space (df -h {path.parent}) and run again.") from None
         raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# torch.save's C++ writer reports a full disk as a RuntimeError, not as ENOSPC:
+# "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534" or
+# "PytorchStreamWriter failed writing file data/0: file write failed".
+TORCH_WRITE_FAILED = re.compile(r"unexpected pos \d+ vs \d+|PytorchStreamWriter failed writing")
+
+
+def disk_full_reason(err):
+    """Why a write failed for want of space (the OS's words, or torch's), or None."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return err.strerror
+    if isinstance(err, RuntimeError) and TORCH_WRITE_FAILED.search(str(err)):
+        return f"torch: {str(err).splitlines()[0][:120]}"
+    return None
 
 
 def remove_stale_temporaries(path):

@@ -233,3 +233,36 @@ def test_a_sweep_whose_first_job_fails_to_start_leaves_nothing(tmp_path, monkeyp
     mine.mkdir()
     r = train_cli("-m", "model=tiny", "dataset=sketchy", "seed=0,1", f"hydra.sweep.dir={mine}")
     assert r.returncode == 1 and mine.is_dir() and os.listdir(mine) == ["multirun.yaml"]
+
+
+def test_a_split_that_a_demo_or_folder_dataset_does_not_use_is_refused(tmp_path, tiny_train_cfg):
+    with pytest.raises(UserError, match=r"dataset.split=sketchy_99 is not used by dataset 'demo': "
+                                        r"its unseen classes are .*unseen.txt, and it is no split "
+                                        r"of another dataset \(\[.*'sketchy_21'"):
+        train(tiny_train_cfg("dataset.split=sketchy_99"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_infer_never_generates_a_demo_at_a_mistyped_root(tmp_path, demo_root):
+    from pipeline.infer import test_dataset_config
+    from tests.conftest import compose_cfg
+    trained = compose_cfg("config-train", ["model=tiny", "dataset=demo",
+                                           f"dataset.root={demo_root}"])
+    typo = tmp_path / "dmeo"
+    cfg = compose_cfg("config-infer", ["path=x", f"dataset.root={typo}"])
+    with pytest.raises(UserError, match=rf"dataset.root={typo} holds no demo dataset "
+                                        r"\(no demo.json\); "
+                                        r"infer never generates data"):
+        test_dataset_config(trained, cfg)
+    assert not typo.exists()
+    ok = test_dataset_config(trained, compose_cfg("config-infer", ["path=x"]))
+    assert str(ok.root) == str(demo_root)
+
+
+def test_infer_with_model_n_mode_is_one_line(tmp_path):
+    infer = str(REPO / "infer.py")
+    r = subprocess.run([sys.executable, infer, f"path={tmp_path}", "model.n_mode=5"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "model.n_mode=5 is a training setting: infer takes it from the" in r.stderr
+    assert not (tmp_path / "infer_output").exists()
