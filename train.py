@@ -1,4 +1,5 @@
 """Train the modality-aware model: python train.py [dataset=...] [model=...] [train.epochs=...]"""
+
 from pathlib import Path
 
 import hydra

@@ -1,6 +1,7 @@
 """Config entry checks of train, infer and evaluate: the authors' key names mapped to ours, and
 every value checked by its schema field's check (config/schema.py) before any work, all bad values
 in one clear error."""
+
 import difflib
 from dataclasses import fields, is_dataclass
 
@@ -18,9 +19,11 @@ def _precision(flag):
 
 def _backbone(name):
     """The authors' HF model name -> (open_clip name, pretrained tag)."""
-    known = {"openai/clip-vit-base-patch32": ("ViT-B-32", "openai"),
-             "openai/clip-vit-base-patch16": ("ViT-B-16", "openai"),
-             "openai/clip-vit-large-patch14": ("ViT-L-14", "openai")}
+    known = {
+        "openai/clip-vit-base-patch32": ("ViT-B-32", "openai"),
+        "openai/clip-vit-base-patch16": ("ViT-B-16", "openai"),
+        "openai/clip-vit-large-patch14": ("ViT-L-14", "openai"),
+    }
     return known.get(str(name))
 
 
@@ -38,10 +41,17 @@ TRAIN_ALIASES = [
 INFER_ALIASES = [("train.batch_size", "batch_size", None)]
 EVAL_ALIASES = [("batch_size", "eval.chunk_size", None)]
 # The authors' keys whose value needs no key of its own here (checked, then dropped).
-AUTHORS_ONLY = {"train": ["model.d_model"],
-                "infer": ["model.backbone", "model.max_length", "model.n_mode", "pin_memory",
-                          "dataset.valid_partial_ratio"],
-                "eval": ["dataset.valid_partial_ratio"]}
+AUTHORS_ONLY = {
+    "train": ["model.d_model"],
+    "infer": [
+        "model.backbone",
+        "model.max_length",
+        "model.n_mode",
+        "pin_memory",
+        "dataset.valid_partial_ratio",
+    ],
+    "eval": ["dataset.valid_partial_ratio"],
+}
 
 
 def _given(key, given):
@@ -60,17 +70,21 @@ def apply_aliases(cfg, kind, given=()):
             continue
         new = convert(value) if convert else value
         if _given(key, given) and OmegaConf.select(cfg, key) != new:
-            raise UserError(f"{alias}={value} (the authors' name) and {key}={OmegaConf.select(cfg, key)} "
-                            f"disagree; they are the same setting. Give one of them.")
+            raise UserError(
+                f"{alias}={value} (the authors' name) and {key}={OmegaConf.select(cfg, key)} "
+                f"disagree; they are the same setting. Give one of them."
+            )
         OmegaConf.update(cfg, key, new, force_add=True)
         _drop(cfg, alias)
     if kind == "train":
         _train_specials(cfg)
     n_mode = OmegaConf.select(cfg, "model.n_mode")
     if kind == "infer" and n_mode is not None:
-        raise UserError(f"model.n_mode={n_mode} is a training setting: infer takes it from the "
-                        f"run's checkpoint (its config.yaml), which fixes the model's mode "
-                        f"vectors. Leave it out.")
+        raise UserError(
+            f"model.n_mode={n_mode} is a training setting: infer takes it from the "
+            f"run's checkpoint (its config.yaml), which fixes the model's mode "
+            f"vectors. Leave it out."
+        )
     for alias in AUTHORS_ONLY.get(kind, ()):
         _drop(cfg, alias)
     for key in [k for k, v in cfg.items() if OmegaConf.is_dict(v) and len(v) == 0]:
@@ -85,15 +99,19 @@ def apply_aliases(cfg, kind, given=()):
 def _train_specials(cfg):
     d_model = OmegaConf.select(cfg, "model.d_model")
     if d_model is not None and not (isinstance(d_model, int) and d_model > 0):
-        raise UserError(f"model.d_model={d_model!r} must be a positive whole number (the embedding size).")
+        raise UserError(
+            f"model.d_model={d_model!r} must be a positive whole number (the embedding size)."
+        )
     backbone = OmegaConf.select(cfg, "model.backbone")
     mapped = _backbone(backbone)
     if mapped:
         cfg.model.backbone, cfg.model.pretrained = mapped
     elif isinstance(backbone, str) and "/" in backbone:
-        raise UserError(f"model.backbone={backbone!r}: of the Hugging Face names only "
-                        f"openai/clip-vit-base-patch32, -base-patch16 and -large-patch14 are mapped; use an "
-                        f"open_clip name (ViT-B-32 ...) with model.pretrained=<tag or weight file>.")
+        raise UserError(
+            f"model.backbone={backbone!r}: of the Hugging Face names only "
+            f"openai/clip-vit-base-patch32, -base-patch16 and -large-patch14 are mapped; use an "
+            f"open_clip name (ViT-B-32 ...) with model.pretrained=<tag or weight file>."
+        )
 
 
 def _drop(cfg, dotted):
@@ -141,8 +159,10 @@ def validate(cfg, kind):
         problems += _protocol_problems(cfg)
     problems += _unknown_keys(cfg, SCHEMAS[kind], kind)
     if problems:
-        raise UserError("bad config value(s): " + "; ".join(problems) + ". Fix them on the command line "
-                        "(key=value) or in setting/.")
+        raise UserError(
+            "bad config value(s): " + "; ".join(problems) + ". Fix them on the command line "
+            "(key=value) or in setting/."
+        )
     return cfg
 
 
@@ -153,11 +173,14 @@ def _unknown_keys(cfg, schema, kind, prefix=""):
     problems = []
     for key in cfg:
         if key not in known:
-            if not (kind == "train" and not prefix and key == "run"):  # train.py's record of the classes
+            if not (
+                kind == "train" and not prefix and key == "run"
+            ):  # train.py's record of the classes
                 near = difflib.get_close_matches(str(key), list(known), n=1)
                 hint = f"; did you mean {prefix}{near[0]}?" if near else ""
-                problems.append(f"{prefix}{key} is not a setting (nothing reads it; see "
-                                f"config/schema.py){hint}")
+                problems.append(
+                    f"{prefix}{key} is not a setting (nothing reads it; see config/schema.py){hint}"
+                )
         elif is_dataclass(known[key]) and OmegaConf.is_dict(cfg[key]):
             problems += _unknown_keys(cfg[key], known[key], kind, f"{prefix}{key}.")
     return problems
@@ -173,9 +196,13 @@ def _protocol_problems(cfg):
         cfg.eval.protocols = [value]
         value = cfg.eval.protocols
     if not OmegaConf.is_list(value) or not all(isinstance(p, str) for p in value):
-        return [f"eval.protocols={_show(value)} must be a list of protocol names from {list(PROTOCOLS)}"]
+        return [
+            f"eval.protocols={_show(value)} must be a list of protocol names from {list(PROTOCOLS)}"
+        ]
     unknown = [p for p in value if p not in PROTOCOLS]
-    return [f"eval.protocols has unknown name(s) {unknown}; use {list(PROTOCOLS)}"] if unknown else []
+    return (
+        [f"eval.protocols has unknown name(s) {unknown}; use {list(PROTOCOLS)}"] if unknown else []
+    )
 
 
 def prepare(cfg, kind, given=()):

@@ -1,7 +1,10 @@
-"""Typed config: the dataclasses behind setting/config-{train,infer,eval,search,app}.yaml and the model and
+"""Typed config: the dataclasses behind setting/config-{train,infer,eval,search,app}.yaml and the
+model and
 dataset groups, registered in Hydra's ConfigStore. Each field holds its one default, its type
 (Hydra refuses a wrong type at composition) and its range check (config/entry.py, before any work).
-The defaults are the authors' recipe (eunyi-lyou/MA-ZS-SBIR); the group files set only what differs."""
+The defaults are the authors' recipe (eunyi-lyou/MA-ZS-SBIR); the group files set only what
+differs."""
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -10,8 +13,17 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from config.checks import (
-    anything, boolean, cache_setting, dataset_id, dataset_list, integer, number, one_of, roots,
-    text)
+    anything,
+    boolean,
+    cache_setting,
+    dataset_id,
+    dataset_list,
+    integer,
+    number,
+    one_of,
+    roots,
+    text,
+)
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 SETTING = Path(__file__).resolve().parent.parent / "setting"
@@ -20,13 +32,16 @@ SETTING = Path(__file__).resolve().parent.parent / "setting"
 def setting(default, check, factory=False):
     """A field with its default and its value check (`factory`: a fresh list or dict per config)."""
     if factory:
-        return field(default_factory=lambda: OmegaConf.to_container(OmegaConf.create(default)),
-                     metadata={"check": check})
+        return field(
+            default_factory=lambda: OmegaConf.to_container(OmegaConf.create(default)),
+            metadata={"check": check},
+        )
     return field(default=default, metadata={"check": check})
 
 
 def alias():
-    """One of the authors' key names: null unless given, then moved onto our key (config/entry.py)."""
+    """One of the authors' key names: null unless given, then moved onto our key
+    (config/entry.py)."""
     return field(default=None, metadata={"check": anything, "alias": True})
 
 
@@ -35,20 +50,24 @@ RATIO = number(0, 1e6)
 
 @dataclass
 class ModelConfig:
-    backbone: str = setting(MISSING, text())              # an open_clip name (setting/model/*.yaml)
-    pretrained: Optional[str] = setting(None, text(optional=True))  # a tag, a weight file, or null (random)
-    n_mode: int = setting(4, integer(4, 1024))           # 0 photo, 1 sketch, 2 spare, 3 text
+    backbone: str = setting(MISSING, text())  # an open_clip name (setting/model/*.yaml)
+    pretrained: Optional[str] = setting(
+        None, text(optional=True)
+    )  # a tag, a weight file, or null (random)
+    n_mode: int = setting(4, integer(4, 1024))  # 0 photo, 1 sketch, 2 spare, 3 text
     temperature: float = setting(2.6592, number(-20, 20))  # initial logit scale (log 1/0.07)
     clip_loss_ratio: float = setting(1.0, RATIO)
     sem_loss_ratio: float = setting(0.1, RATIO)
     disc_loss_ratio: float = setting(0.1, RATIO)
     rec_loss_ratio: float = setting(0.02, RATIO)
     orth_loss_ratio: float = setting(0.0, RATIO)
-    max_length: Optional[int] = setting(30, integer(2, 77, optional=True))  # prompt tokens kept; null: 77
+    max_length: Optional[int] = setting(
+        30, integer(2, 77, optional=True)
+    )  # prompt tokens kept; null: 77
     quick_gelu: Optional[bool] = setting(None, boolean(optional=True))  # null: as the weights say
     common_semantic_loss_ratio: Optional[float] = alias()  # = sem_loss_ratio
-    ortho_loss_ratio: Optional[float] = alias()            # = orth_loss_ratio
-    d_model: Optional[int] = alias()                       # checked against the embedding size
+    ortho_loss_ratio: Optional[float] = alias()  # = orth_loss_ratio
+    d_model: Optional[int] = alias()  # checked against the embedding size
 
 
 @dataclass
@@ -62,28 +81,42 @@ class DatasetConfig:
     train_idx: List[Any] = setting([], dataset_list, factory=True)  # set by setting/dataset/*.yaml
     test_idx: Any = setting(None, dataset_id())
     root: Any = setting({"tuberlin": None, "quickdraw": None, "sketchy": None}, roots, factory=True)
-    split: Optional[str] = setting(None, text(optional=True))  # null: the dataset's default (data/splits/)
+    split: Optional[str] = setting(
+        None, text(optional=True)
+    )  # null: the dataset's default (data/splits/)
     unseen_file: Optional[str] = setting(None, text(optional=True))
-    cls_ratio: float = setting(1.0, number(0, 1, lo_open=True))  # seen classes trained on; the rest validate
+    cls_ratio: float = setting(
+        1.0, number(0, 1, lo_open=True)
+    )  # seen classes trained on; the rest validate
     split_seed: int = setting(0, integer(0, 2**32 - 1))
-    valid_idx: Any = setting(None, dataset_id(optional=True))  # test_loss selection: whose test split
-    train_partial_ratio: float = setting(1.0, number(0, 1, lo_open=True))  # a seeded share of the images
+    valid_idx: Any = setting(
+        None, dataset_id(optional=True)
+    )  # test_loss selection: whose test split
+    train_partial_ratio: float = setting(
+        1.0, number(0, 1, lo_open=True)
+    )  # a seeded share of the images
     valid_partial_ratio: float = setting(1.0, number(0, 1, lo_open=True))
-    csv: CsvFiles = field(default_factory=CsvFiles)  # seed-style annotation CSVs instead of the layout
+    csv: CsvFiles = field(
+        default_factory=CsvFiles
+    )  # seed-style annotation CSVs instead of the layout
     augment: bool = setting(False, boolean())  # the authors: CLIP preprocessing only
     on_bad_image: str = setting("error", one_of("error", "skip"))
-    max_image_pixels: Optional[int] = setting(89478485, integer(1, optional=True))  # decompression bombs
+    max_image_pixels: Optional[int] = setting(
+        89478485, integer(1, optional=True)
+    )  # decompression bombs
     cache: Any = setting(False, cache_setting)  # true, false, or the cache folder
 
 
 @dataclass
 class TrainSection:
     epochs: int = setting(100, integer(1, 100_000))
-    batch_size: int = setting(256, integer(1, 1_000_000))  # per rank; global = batch_size x world size
+    batch_size: int = setting(
+        256, integer(1, 1_000_000)
+    )  # per rank; global = batch_size x world size
     accum_steps: int = setting(1, integer(1, 100_000))
     lr: float = setting(5e-3, number(0, 1, lo_open=True))  # mode vectors and discriminator
-    clip_lr: float = setting(5e-8, number(0, 1))          # the CLIP backbone, its logit scale included
-    weight_decay: float = setting(0.1, number(0, 10))      # AdamW, on every parameter
+    clip_lr: float = setting(5e-8, number(0, 1))  # the CLIP backbone, its logit scale included
+    weight_decay: float = setting(0.1, number(0, 10))  # AdamW, on every parameter
     beta1: float = setting(0.9, number(0, 1, hi_open=True))
     beta2: float = setting(0.999, number(0, 1, hi_open=True))
     eps: float = setting(1e-6, number(0, 1, lo_open=True))
@@ -93,18 +126,18 @@ class TrainSection:
     precision: str = setting("fp16", one_of(*PRECISIONS))  # CPU runs fp32
     num_workers: int = setting(4, integer(0, 256))
     pin_memory: bool = setting(True, boolean())
-    shuffle: bool = setting(True, boolean())             # false: the authors' loader order
-    grad_clip: float = setting(0.0, number(0))            # max gradient norm, 0 = off
-    log_every: int = setting(25, integer(1))               # steps
-    eval_every: int = setting(1, integer(1))               # epochs between selections
+    shuffle: bool = setting(True, boolean())  # false: the authors' loader order
+    grad_clip: float = setting(0.0, number(0))  # max gradient norm, 0 = off
+    log_every: int = setting(25, integer(1))  # steps
+    eval_every: int = setting(1, integer(1))  # epochs between selections
     select: str = setting("auto", one_of("auto", "last", "val_map", "test_loss"))  # best.pth
-    save_every_steps: int = setting(0, integer(0))         # also write last.pth every N steps
+    save_every_steps: int = setting(0, integer(0))  # also write last.pth every N steps
     on_nonfinite: str = setting("stop", one_of("stop", "skip"))
     gather_with_grad: bool = setting(True, boolean())
     compile: bool = setting(False, boolean())
     gradient_accumulation_steps: Optional[int] = alias()  # = accum_steps
-    log_every_step: Optional[int] = alias()               # = log_every
-    eval_every_epoch: Optional[int] = alias()             # = eval_every
+    log_every_step: Optional[int] = alias()  # = log_every
+    eval_every_epoch: Optional[int] = alias()  # = eval_every
 
 
 @dataclass
@@ -134,8 +167,8 @@ class TrainConfig:
     logger: Logger = field(default_factory=Logger)
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    num_workers: Optional[int] = alias()         # = train.num_workers
-    pin_memory: Optional[bool] = alias()         # = train.pin_memory
+    num_workers: Optional[int] = alias()  # = train.num_workers
+    pin_memory: Optional[bool] = alias()  # = train.pin_memory
     use_mixed_precision: Optional[bool] = alias()  # = train.precision (true: fp16, false: fp32)
 
 
@@ -168,7 +201,9 @@ class InferConfig:
     batch_size: int = setting(256, integer(1, 1_000_000))
     num_workers: int = setting(4, integer(0, 256))
     precision: str = setting("fp32", one_of(*PRECISIONS))  # fp32 as the authors' inference
-    allow_class_overlap: bool = setting(False, boolean())  # a test split sharing training classes, labelled
+    allow_class_overlap: bool = setting(
+        False, boolean()
+    )  # a test split sharing training classes, labelled
     dataset: InferDataset = field(default_factory=InferDataset)
     train: InferTrainAliases = field(default_factory=InferTrainAliases)
     pin_memory: Optional[bool] = alias()
@@ -178,7 +213,9 @@ class InferConfig:
 @dataclass
 class Report:  # report.html + report_grid.png beside eval_result.json
     enabled: bool = setting(True, boolean())
-    image_root: Optional[str] = setting(None, text(optional=True))  # null: the root infer.py recorded
+    image_root: Optional[str] = setting(
+        None, text(optional=True)
+    )  # null: the root infer.py recorded
     n_queries: int = setting(20, integer(0))
     grid_queries: int = setting(8, integer(0))
     grid_kind: str = setting("original", one_of("original", "converted"))
@@ -188,8 +225,12 @@ class Report:  # report.html + report_grid.png beside eval_result.json
 @dataclass
 class EvalSection:
     device: str = setting("auto", text())
-    chunk_size: int = setting(512, integer(1, 1_000_000))  # memory ~ chunk_size x gallery x 35 bytes
-    protocols: Any = setting(["default"], anything, factory=True)  # default | hits_over_k | noninterp
+    chunk_size: int = setting(
+        512, integer(1, 1_000_000)
+    )  # memory ~ chunk_size x gallery x 35 bytes
+    protocols: Any = setting(
+        ["default"], anything, factory=True
+    )  # default | hits_over_k | noninterp
     generalized: bool = setting(False, boolean())  # rank seen-class photos too
     topk: int = setting(10, integer(1, 10_000))
     report: Report = field(default_factory=Report)
@@ -268,11 +309,13 @@ def register():
 
 
 def compose_config(name, overrides=()):
-    """setting/<name>.yaml composed with overrides as its entry point would (for `python -m` tools and
+    """setting/<name>.yaml composed with overrides as its entry point would (for `python -m` tools
+    and
     tests); Hydra's refusal of an override (a wrong type, an unknown key) is one user error."""
     from hydra import compose, initialize_config_dir
 
     from runtime.errors import UserError
+
     register()
     try:
         with initialize_config_dir(config_dir=str(SETTING), version_base="1.3"):
@@ -280,7 +323,9 @@ def compose_config(name, overrides=()):
     except Exception as e:  # Hydra's parse and composition errors
         text = f"{e} {e.__cause__ or ''}"
         lines = [x.strip() for x in text.splitlines() if x.strip()]
-        lines = [x for x in lines if not x.startswith(("full_key", "object_type", "reference_type"))]
+        lines = [
+            x for x in lines if not x.startswith(("full_key", "object_type", "reference_type"))
+        ]
         raise UserError(f"config overrides {list(overrides)}: {' '.join(lines)}") from None
 
 
@@ -288,4 +333,3 @@ def dataset_defaults(dcfg):
     """A dataset config (possibly partial, e.g. of a run by an older version) over the defaults."""
     base = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(DatasetConfig)))
     return OmegaConf.merge(base, dcfg)
-

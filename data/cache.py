@@ -14,6 +14,7 @@ a shard damaged or cut short) that shard alone is rebuilt. Shards and sidecars a
 temporary file and renamed, sidecar last, as soon as the shard is whole: a crash, a full disk or a
 Ctrl-C never leaves a shard that a later run reads, and keeps the shards finished before it.
 """
+
 import hashlib
 import json
 import os
@@ -37,7 +38,7 @@ from runtime.logs import log
 VERSION = 1
 SHARD_IMAGES = 1024
 DEFAULT_BASE = Path(__file__).resolve().parent.parent / ".cache" / "prepared"
-AUGMENT_MARGIN = 8 / 7   # augmented training crops from a cache kept this much larger (256 for 224)
+AUGMENT_MARGIN = 8 / 7  # augmented training crops from a cache kept this much larger (256 for 224)
 
 
 def cache_base(setting):
@@ -53,9 +54,11 @@ def pixel_ops(transform):
     ops = list(getattr(transform, "transforms", [transform]))
     names = [type(t).__name__ for t in ops]
     cut = next((i for i, n in enumerate(names) if "ToTensor" in n), None)
-    if cut is None or names[cut + 1:] != ["Normalize"]:
-        raise UserError(f"the image cache needs a transform that ends in ToTensor + Normalize, got "
-                        f"{names}. Set dataset.cache=false for this model.")
+    if cut is None or names[cut + 1 :] != ["Normalize"]:
+        raise UserError(
+            f"the image cache needs a transform that ends in ToTensor + Normalize, got "
+            f"{names}. Set dataset.cache=false for this model."
+        )
     return T.Compose(ops[:cut])
 
 
@@ -75,7 +78,9 @@ def cache_ops(ops):
 
 
 def geometry_key(ops):
-    return " | ".join(re.sub(r"\s+", " ", re.sub(r" at 0x[0-9a-f]+", "", repr(t))) for t in ops.transforms)
+    return " | ".join(
+        re.sub(r"\s+", " ", re.sub(r" at 0x[0-9a-f]+", "", repr(t))) for t in ops.transforms
+    )
 
 
 def _digest(text):
@@ -103,7 +108,7 @@ def shard_plan(rels):
     for folder, names in folders.items():
         stem = hashlib.sha1(folder.encode()).hexdigest()[:16]
         for k in range(0, len(names), SHARD_IMAGES):
-            plan[f"{stem}-{k // SHARD_IMAGES}"] = (folder, names[k:k + SHARD_IMAGES])
+            plan[f"{stem}-{k // SHARD_IMAGES}"] = (folder, names[k : k + SHARD_IMAGES])
     return plan
 
 
@@ -131,7 +136,8 @@ def stat_of(path):
 
 
 def decode(path, ops, max_pixels=Image.MAX_IMAGE_PIXELS):
-    """An image as the files path makes it (data.loader.open_image, then the pixel steps): uint8 H x W x 3."""
+    """An image as the files path makes it (data.loader.open_image, then the pixel steps): uint8 H
+    x W x 3."""
     return np.asarray(ops(open_image(path, max_pixels)), dtype=np.uint8)
 
 
@@ -150,20 +156,31 @@ def write_shard(job, stop=None):
                 raise Stopped(f"stopped while caching {Path(root) / folder}")
             a = decode(Path(root) / folder / name, ops)
             if shape is not None and a.shape[:2] != tuple(shape):
-                raise UserError(f"{Path(root) / folder / name}: the cache's pixel steps gave {a.shape[:2]} "
-                                f"pixels, not {tuple(shape)}; use dataset.cache=false for this model.")
+                raise UserError(
+                    f"{Path(root) / folder / name}: the cache's pixel steps gave {a.shape[:2]} "
+                    f"pixels, not {tuple(shape)}; use dataset.cache=false for this model."
+                )
             shape = list(a.shape[:2])
             a = a.transpose(2, 0, 1)
             if (a[0] == a[1]).all() and (a[0] == a[2]).all():
-                a = a[:1]   # a grey image (a sketch): one channel holds it exactly
+                a = a[:1]  # a grey image (a sketch): one channel holds it exactly
             data = np.ascontiguousarray(a).tobytes()
             f.write(data)
             crc = zlib.crc32(data, crc)
             offsets.append(offset)
             channels.append(a.shape[0])
             offset += len(data)
-    return dict(folder=folder, names=names, stats=stats, offsets=offsets, channels=channels,
-                hw=shape, nbytes=offset, crc=crc, file_stat=stat_of(directory / f"{shard}.u8"))
+    return dict(
+        folder=folder,
+        names=names,
+        stats=stats,
+        offsets=offsets,
+        channels=channels,
+        hw=shape,
+        nbytes=offset,
+        crc=crc,
+        file_stat=stat_of(directory / f"{shard}.u8"),
+    )
 
 
 class ImageCache:
@@ -171,7 +188,7 @@ class ImageCache:
 
     def __init__(self, root, directory, key, ops=None):
         self.root, self.dir, self.key, self.ops = Path(root), Path(directory), key, ops
-        self.shards = {}   # shard name -> sidecar, for the shards that are fresh
+        self.shards = {}  # shard name -> sidecar, for the shards that are fresh
 
     @classmethod
     def at(cls, base, root, ops):
@@ -189,21 +206,29 @@ class ImageCache:
         if header is None:
             return
         if header != self.header():
-            log.warning(f"image cache {self.dir} was built for {header.get('geometry')!r} "
-                        f"(version {header.get('version')}), not {self.key!r}: not used.")
+            log.warning(
+                f"image cache {self.dir} was built for {header.get('geometry')!r} "
+                f"(version {header.get('version')}), not {self.key!r}: not used."
+            )
             return
         folders = {rel.rpartition("/")[0] for rel in rels}
         for path in sorted(self.dir.glob("*.json")):
             side = self.read_json(path) if path.name != "cache.json" else None
-            if side is not None and side.get("folder") in folders and self._fresh(path.stem, side, verify):
+            if (
+                side is not None
+                and side.get("folder") in folders
+                and self._fresh(path.stem, side, verify)
+            ):
                 self.shards[path.stem] = side
 
     def check(self, rels, verify=False):
         """Load the fresh shards; returns the stale part of these images' shard plan."""
         self.load(rels, verify)
-        return {shard: (folder, names, file_stats(self.root, folder, names))
-                for shard, (folder, names) in shard_plan(rels).items()
-                if self.shards.get(shard, {}).get("names") != names}
+        return {
+            shard: (folder, names, file_stats(self.root, folder, names))
+            for shard, (folder, names) in shard_plan(rels).items()
+            if self.shards.get(shard, {}).get("names") != names
+        }
 
     def _fresh(self, shard, side, verify):
         if file_stats(self.root, side["folder"], side["names"]) != side["stats"]:
@@ -214,7 +239,10 @@ class ImageCache:
         except OSError:
             return False
         if current[0] != side["nbytes"]:
-            log.warning(f"image cache shard {path} has {current[0]} bytes, not {side['nbytes']}: rebuilding it.")
+            log.warning(
+                f"image cache shard {path} has {current[0]} bytes, not {side['nbytes']}: "
+                f"rebuilding it."
+            )
             return False
         if (verify or current != side["file_stat"]) and file_crc(path) != side["crc"]:
             log.warning(f"image cache shard {path} is damaged (checksum mismatch): rebuilding it.")
@@ -237,24 +265,42 @@ class ImageCache:
             self.dir.mkdir(parents=True, exist_ok=True)
             save_json(self.header(), self.dir / "cache.json")
             stop = threading.Event()
-            # threads, not a forked pool: Pillow releases the GIL, and a fork can deadlock (BENCHMARKS.md)
-            pool = ThreadPoolExecutor(max(1, min(workers or os.cpu_count() or 1, len(stale))), "cache")
-            shard_of = {pool.submit(write_shard, (self.dir, s, self.root, folder, names, stats, self.ops), stop): s
-                        for s, (folder, names, stats) in stale.items()}
+            # threads, not a forked pool: Pillow releases the GIL, and a fork can deadlock
+            # (BENCHMARKS.md)
+            pool = ThreadPoolExecutor(
+                max(1, min(workers or os.cpu_count() or 1, len(stale))), "cache"
+            )
+            shard_of = {
+                pool.submit(
+                    write_shard, (self.dir, s, self.root, folder, names, stats, self.ops), stop
+                ): s
+                for s, (folder, names, stats) in stale.items()
+            }
             try:
-                with tqdm(total=sum(len(names) for _, names, _ in stale.values()), unit="img",
-                          desc=f"caching images ({self.dir.name})", disable=not progress, dynamic_ncols=True) as bar:
-                    for done in as_completed(shard_of):   # each sidecar written as soon as its shard is whole
+                with tqdm(
+                    total=sum(len(names) for _, names, _ in stale.values()),
+                    unit="img",
+                    desc=f"caching images ({self.dir.name})",
+                    disable=not progress,
+                    dynamic_ncols=True,
+                ) as bar:
+                    for done in as_completed(
+                        shard_of
+                    ):  # each sidecar written as soon as its shard is whole
                         bar.update(len(self._keep(shard_of[done], done.result())["names"]))
             finally:
-                stop.set()   # on an error or Ctrl-C the other threads stop at their next image
+                stop.set()  # on an error or Ctrl-C the other threads stop at their next image
                 pool.shutdown(wait=True, cancel_futures=True)
-        except (OSError, UserError) as e:   # each thread removed its own half-written shard
-            if isinstance(e, UserError) and not isinstance(e, DiskFullError):  # an unreadable image, named
+        except (OSError, UserError) as e:  # each thread removed its own half-written shard
+            if isinstance(e, UserError) and not isinstance(
+                e, DiskFullError
+            ):  # an unreadable image, named
                 raise
-            raise UserError(f"could not write the image cache in {self.dir}: {e}. Free disk space or make "
-                            f"the folder writable, or point dataset.cache at another folder "
-                            f"(dataset.cache=/path/with/room); dataset.cache=false reads the image files.") from None
+            raise UserError(
+                f"could not write the image cache in {self.dir}: {e}. Free disk space or make "
+                f"the folder writable, or point dataset.cache at another folder "
+                f"(dataset.cache=/path/with/room); dataset.cache=false reads the image files."
+            ) from None
         return len(stale), len(self.shards)
 
     def _keep(self, shard, side):
@@ -298,11 +344,14 @@ def main(argv):
         for root, rels in by_root.items():
             cache = ImageCache.at(base, root, cache_ops(pixel_ops(tf)))
             rebuilt, total = cache.build(rels, verify=True)
-            print(f"{cache.dir}: {len(set(rels))} images in {total} shards ({rebuilt} rebuilt), "
-                  f"{cache.disk_bytes() / 1e9:.2f} GB")
+            print(
+                f"{cache.dir}: {len(set(rels))} images in {total} shards ({rebuilt} rebuilt), "
+                f"{cache.disk_bytes() / 1e9:.2f} GB"
+            )
     return 0
 
 
 if __name__ == "__main__":
     from runtime.errors import run_cli
+
     sys.exit(run_cli(main, sys.argv[1:]))

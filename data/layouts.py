@@ -178,10 +178,12 @@ def split_file(name, split, root=None, unseen_file=None):
     if name in ("folder", "demo"):
         if split is not None and not (SPLITS_DIR / f"{split}.txt").is_file():  # else another's
             known = sorted(p.stem for p in SPLITS_DIR.glob("*.txt"))
-            raise UserError(f"dataset.split={split} is not used by dataset {name!r}: its unseen "
-                            f"classes are {Path(root) / 'unseen.txt'}, and it is no split of "
-                            f"another dataset ({known}). Leave dataset.split out, or list "
-                            f"classes in dataset.unseen_file.")
+            raise UserError(
+                f"dataset.split={split} is not used by dataset {name!r}: its unseen "
+                f"classes are {Path(root) / 'unseen.txt'}, and it is no split of "
+                f"another dataset ({known}). Leave dataset.split out, or list "
+                f"classes in dataset.unseen_file."
+            )
         return Path(root) / "unseen.txt"
     split = split or DATASETS[name].default_split
     path = SPLITS_DIR / f"{split}.txt"

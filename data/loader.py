@@ -1,5 +1,6 @@
 """Image dataset and loaders: decoding and transforms run in worker processes, prompts are
 tokenised once per distinct prompt, and each sample carries the id of its prompt."""
+
 import os
 import signal
 import warnings
@@ -25,11 +26,15 @@ def open_image(path, max_pixels=Image.MAX_IMAGE_PIXELS, draft=None):
                 im.load()
                 return ImageOps.exif_transpose(im).convert("RGB")
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise UserError(f"image {path} is larger than dataset.max_image_pixels={max_pixels} ({e}). "
-                            f"If the file is genuine, raise dataset.max_image_pixels; else delete it.") from None
+            raise UserError(
+                f"image {path} is larger than dataset.max_image_pixels={max_pixels} ({e}). "
+                f"If the file is genuine, raise dataset.max_image_pixels; else delete it."
+            ) from None
         except Exception as e:  # PIL raises many types for corrupt or foreign files
-            raise UserError(f"cannot read image {path}: {type(e).__name__}: {e}. Replace or delete the "
-                            f"file (python -m data.check lists every bad file).") from None
+            raise UserError(
+                f"cannot read image {path}: {type(e).__name__}: {e}. Replace or delete the "
+                f"file (python -m data.check lists every bad file)."
+            ) from None
 
 
 def unreadable(path, max_pixels=Image.MAX_IMAGE_PIXELS):
@@ -88,16 +93,27 @@ def stack(tensors):
     out = None
     if torch.utils.data.get_worker_info() is not None:
         first = tensors[0]
-        storage = first._typed_storage()._new_shared(len(tensors) * first.numel(), device=first.device)
+        storage = first._typed_storage()._new_shared(
+            len(tensors) * first.numel(), device=first.device
+        )
         out = first.new(storage).resize_(len(tensors), *first.shape)
     return torch.stack(tensors, out=out)
 
 
 def collate(batch):
     images, prompt_ids, m1, m2, labels, idx = zip(*batch)
-    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)
-    return dict(image=stack(images), prompt_id=as_long(prompt_ids), m1=as_long(m1),
-                m2=as_long(m2), label=as_long(labels), index=as_long(idx))
+
+    def as_long(xs):
+        return torch.tensor(xs, dtype=torch.long)
+
+    return dict(
+        image=stack(images),
+        prompt_id=as_long(prompt_ids),
+        m1=as_long(m1),
+        m2=as_long(m2),
+        label=as_long(labels),
+        index=as_long(idx),
+    )
 
 
 def ignore_stop_signals(worker_id=None):
@@ -112,15 +128,26 @@ def ignore_stop_signals(worker_id=None):
 def make_loader(dataset, batch_size, num_workers, shuffle, seed=0, drop_last=False, sampler=None):
     generator = torch.Generator().manual_seed(seed)
     num_workers = min(num_workers, os.cpu_count() or 1)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None,
-                      sampler=sampler, num_workers=num_workers, collate_fn=collate,
-                      drop_last=drop_last, generator=generator, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        drop_last=drop_last,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        worker_init_fn=ignore_stop_signals,
+    )
 
 
 def normalization(transform):
     """The mean and std of the Normalize step of an (open_clip) transform."""
-    norm = next(t for t in getattr(transform, "transforms", [transform]) if type(t).__name__ == "Normalize")
+    norm = next(
+        t for t in getattr(transform, "transforms", [transform]) if type(t).__name__ == "Normalize"
+    )
     return norm.mean, norm.std
 
 
@@ -129,6 +156,8 @@ def model_input(images, transform):
     normalised here exactly as `transform`'s ToTensor + Normalize would; float batches pass."""
     if images.dtype != torch.uint8:
         return images
-    mean, std = (torch.tensor(v, dtype=torch.float32, device=images.device)[:, None, None]
-                 for v in normalization(transform))
+    mean, std = (
+        torch.tensor(v, dtype=torch.float32, device=images.device)[:, None, None]
+        for v in normalization(transform)
+    )
     return images.float().div_(255).sub_(mean).div_(std)

@@ -1,6 +1,7 @@
 """Nearest-neighbour search over a gallery's normalised vectors with faiss: exact inner product
 (`IndexFlatIP`, the default) or an HNSW graph for galleries of millions (`index.kind=hnsw`),
 whose graph is saved beside the index so it is built once per index version."""
+
 from pathlib import Path
 
 import faiss
@@ -15,7 +16,8 @@ KINDS = ("flat", "hnsw")
 
 
 def build_ann(vectors, kind="flat", hnsw_m=32, ef_construction=200, ef_search=128, progress=True):
-    """A faiss index over the rows of `vectors` (inner product = cosine for normalised rows); an HNSW
+    """A faiss index over the rows of `vectors` (inner product = cosine for normalised rows); an
+    HNSW
     graph is built in chunks under a progress bar (minutes for a million vectors)."""
     if kind not in KINDS:
         raise UserError(f"unknown index.kind={kind!r}. Use one of {list(KINDS)}.")
@@ -56,6 +58,7 @@ def gallery_ann(gallery, kind="flat", hnsw_m=32, ef_construction=200, ef_search=
 
 
 def top_k(index, queries, k):
-    """(scores [Q,k], rows [Q,k]) of the k best gallery rows per query, k capped at the gallery size."""
+    """(scores [Q,k], rows [Q,k]) of the k best gallery rows per query, k capped at the gallery
+    size."""
     queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
     return index.search(queries, min(int(k), index.ntotal))

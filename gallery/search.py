@@ -1,5 +1,6 @@
 """Search a photo folder with a sketch, a photo or words, using a trained run:
 python search.py path=<run> gallery=<folder> query=<image> | text="a bicycle"."""
+
 import base64
 import html
 import io
@@ -24,7 +25,10 @@ from runtime.logs import setup_logging
 
 MODES = {"photo": 0, "sketch": 1, "text": 3}
 QUERY_MODES = ("original", "converted")
-IMAGE_MODALITIES = ("sketch", "photo")  # what a query image shows: query_modality= and the app's Upload tab
+IMAGE_MODALITIES = (
+    "sketch",
+    "photo",
+)  # what a query image shows: query_modality= and the app's Upload tab
 
 
 @dataclass
@@ -57,8 +61,10 @@ def load_query_image(path):
             im.seek(0)
             return flatten_on_white(im)
     except (UnidentifiedImageError, OSError) as e:
-        raise UserError(f"query file {path} is not an image that can be read ({str(e)[:200]}); pass "
-                        f"query=<a .png/.jpg/.webp sketch or photo>.") from None
+        raise UserError(
+            f"query file {path} is not an image that can be read ({str(e)[:200]}); pass "
+            f"query=<a .png/.jpg/.webp sketch or photo>."
+        ) from None
 
 
 class Searcher:
@@ -71,26 +77,42 @@ class Searcher:
             raise UserError(f"unknown query_modality={cfg.query_modality!r}. Use sketch or photo.")
         run = Path(cfg.path)
         if not run.is_dir():
-            raise UserError(f"run folder {run} does not exist; pass path=<the folder train.py wrote>.")
+            raise UserError(
+                f"run folder {run} does not exist; pass path=<the folder train.py wrote>."
+            )
         self.checkpoint = RunFolder(run).checkpoint(cfg.mode)
         ckpt = load_checkpoint(self.checkpoint)
         train_cfg = OmegaConf.create(ckpt["config"])
         self.device = pick_device(cfg.device)
         self.precision = cfg.precision
         self.model, _, self.transform, self.tokenizer = build_model(
-            OmegaConf.create(dict(train_cfg.model, pretrained=None)))
+            OmegaConf.create(dict(train_cfg.model, pretrained=None))
+        )
         try:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
-            raise UserError(f"{self.checkpoint} does not fit the model its config describes: "
-                            f"{str(e).splitlines()[0]} Use the run folder the checkpoint came from.") from None
+            raise UserError(
+                f"{self.checkpoint} does not fit the model its config describes: "
+                f"{str(e).splitlines()[0]} Use the run folder the checkpoint came from."
+            ) from None
         self.model.to(self.device).eval()
         ix = cfg.index
-        self.gallery = update_index(self.model, self.transform, self.device,
-                                    index_folder(run, cfg.gallery, ix.get("cache_dir")), cfg.gallery,
-                                    self.checkpoint, int(cfg.batch_size), int(cfg.num_workers),
-                                    self.precision, float(ix.save_every_s), progress)
-        self.ann = gallery_ann(self.gallery, ix.kind, ix.hnsw_m, ix.ef_construction, ix.ef_search, progress)
+        self.gallery = update_index(
+            self.model,
+            self.transform,
+            self.device,
+            index_folder(run, cfg.gallery, ix.get("cache_dir")),
+            cfg.gallery,
+            self.checkpoint,
+            int(cfg.batch_size),
+            int(cfg.num_workers),
+            self.precision,
+            float(ix.save_every_s),
+            progress,
+        )
+        self.ann = gallery_ann(
+            self.gallery, ix.kind, ix.hnsw_m, ix.ef_construction, ix.ef_search, progress
+        )
 
     @torch.no_grad()
     def _finish(self, z, mode, query_mode):
@@ -114,34 +136,46 @@ class Searcher:
     @torch.no_grad()
     def embed_text(self, text, query_mode="converted"):
         if not text or not text.strip():
-            raise UserError("the text query is empty: type some words first (e.g. text=\"a bicycle\").")
+            raise UserError(
+                'the text query is empty: type some words first (e.g. text="a bicycle").'
+            )
         with autocast(self.device, self.precision):
             z = self.model.encode_text(self.tokenizer([text.strip()]).to(self.device)).float()
         return self._finish(z, MODES["text"], query_mode)
 
     def search(self, vector, k=10):
         scores, rows = top_k(self.ann, vector, k)
-        return [Hit(r + 1, self.gallery.paths[i], self.gallery.root / self.gallery.paths[i], float(s))
-                for r, (s, i) in enumerate(zip(scores[0], rows[0])) if i >= 0]
+        return [
+            Hit(r + 1, self.gallery.paths[i], self.gallery.root / self.gallery.paths[i], float(s))
+            for r, (s, i) in enumerate(zip(scores[0], rows[0]))
+            if i >= 0
+        ]
 
 
 def search(cfg):
-    """The search.py entry point: prints the top-k photos and writes results.html; returns the hits."""
+    """The search.py entry point: prints the top-k photos and writes results.html; returns the
+    hits."""
     cfg = prepare(cfg, "search")  # every value checked before any work
     setup_logging()
     if (cfg.query is None) == (cfg.text is None):
-        raise UserError("give exactly one query: query=<sketch or photo file> or text=\"some words\".")
+        raise UserError(
+            'give exactly one query: query=<sketch or photo file> or text="some words".'
+        )
     searcher = Searcher(cfg)
     if cfg.query is not None:
         image = load_query_image(cfg.query)
-        hits = searcher.search(searcher.embed_image(image, cfg.query_modality, cfg.query_mode), cfg.k)
+        hits = searcher.search(
+            searcher.embed_image(image, cfg.query_modality, cfg.query_mode), cfg.k
+        )
         title = f"{cfg.query_modality} {cfg.query}"
     else:
         image = None
         hits = searcher.search(searcher.embed_text(str(cfg.text), cfg.query_mode), cfg.k)
-        title = f"text \"{cfg.text}\""
-    print(f"top {len(hits)} of {len(searcher.gallery.paths)} photos under {searcher.gallery.root} "
-          f"for {title} ({cfg.query_mode}):")
+        title = f'text "{cfg.text}"'
+    print(
+        f"top {len(hits)} of {len(searcher.gallery.paths)} photos under {searcher.gallery.root} "
+        f"for {title} ({cfg.query_mode}):"
+    )
     for h in hits:
         print(f"{h.rank:4d}  {h.score:.4f}  {h.path}")
     skipped = searcher.gallery.skipped
@@ -149,35 +183,47 @@ def search(cfg):
         print(f"{len(skipped)} unreadable image(s) skipped:")
         for p, (_, _, reason) in skipped.items():
             print(f"  {p}: {reason}")
-    page = write_results_page(Path(cfg.out) / "results.html", title, cfg.query_mode, image, hits, skipped)
+    page = write_results_page(
+        Path(cfg.out) / "results.html", title, cfg.query_mode, image, hits, skipped
+    )
     print(f"wrote {page}")
     return hits
 
 
 def _data_uri(image, size=160):
     buf = io.BytesIO()
-    ImageOps.pad(image.convert("RGB"), (size, size), color=(255, 255, 255)).save(buf, "JPEG", quality=85)
+    ImageOps.pad(image.convert("RGB"), (size, size), color=(255, 255, 255)).save(
+        buf, "JPEG", quality=85
+    )
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def write_results_page(path, title, query_mode, query_image, hits, skipped):
     """One self-contained HTML file (thumbnails inline) with the query and its ranked photos."""
-    parts = ["<!doctype html><meta charset='utf-8'><title>ma-sbir search</title><style>"
-             "body{font-family:sans-serif;margin:1.5em}figure{display:inline-block;margin:4px;"
-             "width:170px;vertical-align:top}figcaption{font-size:12px;word-break:break-all}</style>",
-             f"<h1>Search: {html.escape(title)}</h1><p>query mode: {html.escape(query_mode)}</p>"]
+    parts = [
+        "<!doctype html><meta charset='utf-8'><title>ma-sbir search</title><style>"
+        "body{font-family:sans-serif;margin:1.5em}figure{display:inline-block;margin:4px;"
+        "width:170px;vertical-align:top}figcaption{font-size:12px;word-break:break-all}</style>",
+        f"<h1>Search: {html.escape(title)}</h1><p>query mode: {html.escape(query_mode)}</p>",
+    ]
     if query_image is not None:
-        parts.append(f"<figure class='query'><img src='{_data_uri(query_image)}'>"
-                     f"<figcaption>query</figcaption></figure><hr>")
+        parts.append(
+            f"<figure class='query'><img src='{_data_uri(query_image)}'>"
+            f"<figcaption>query</figcaption></figure><hr>"
+        )
     for h in hits:
         with Image.open(h.file) as im:
             im.seek(0)
             uri = _data_uri(im)
-        parts.append(f"<figure class='hit' data-path='{html.escape(h.path)}'><img src='{uri}'>"
-                     f"<figcaption>{h.rank}. {h.score:.4f}<br>{html.escape(h.path)}</figcaption></figure>")
+        parts.append(
+            f"<figure class='hit' data-path='{html.escape(h.path)}'><img src='{uri}'>"
+            f"<figcaption>{h.rank}. {h.score:.4f}<br>{html.escape(h.path)}</figcaption></figure>"
+        )
     if skipped:
-        parts.append(f"<h2>{len(skipped)} unreadable image(s) skipped</h2><ul>"
-                     + "".join(f"<li>{html.escape(p)}: {html.escape(v[2])}</li>" for p, v in skipped.items())
-                     + "</ul>")
+        parts.append(
+            f"<h2>{len(skipped)} unreadable image(s) skipped</h2><ul>"
+            + "".join(f"<li>{html.escape(p)}: {html.escape(v[2])}</li>" for p, v in skipped.items())
+            + "</ul>"
+        )
     save_text("\n".join(parts), path)
     return path

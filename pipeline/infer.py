@@ -1,4 +1,6 @@
-"""The inference pipeline: infer(cfg), embeddings of a run's test split -> infer_output/<mode>/<dataset>/."""
+"""The inference pipeline: infer(cfg), embeddings of a run's test split ->
+infer_output/<mode>/<dataset>/."""
+
 import shutil
 
 import numpy as np
@@ -38,13 +40,16 @@ def refuse_a_new_demo(dcfg):
     from pathlib import Path
 
     from data.layouts import resolve_name
+
     if resolve_name(dcfg["test_idx"]) != "demo":
         return
     root = dcfg["root"].get("demo") if OmegaConf.is_dict(dcfg["root"]) else dcfg["root"]
     if root and not (Path(str(root)).expanduser() / "demo.json").is_file():
-        raise UserError(f"dataset.root={root} holds no demo dataset (no demo.json); infer never "
-                        f"generates data. Pass the root the run trained on (its config.yaml, "
-                        f"dataset.root), or leave dataset.root out.")
+        raise UserError(
+            f"dataset.root={root} holds no demo dataset (no demo.json); infer never "
+            f"generates data. Pass the root the run trained on (its config.yaml, "
+            f"dataset.root), or leave dataset.root out."
+        )
 
 
 def gather_shards(emb, n, info, device):
@@ -66,8 +71,9 @@ def infer(cfg, given=()):
     train_cfg = OmegaConf.create(ckpt["config"])
     dcfg = test_dataset_config(train_cfg, cfg)
     splits = make_splits(dcfg, need_train=False)
-    overlap = check_zero_shot(train_cfg, splits.test_index.unseen, cfg.allow_class_overlap,
-                              run.checkpoint(cfg.mode))
+    overlap = check_zero_shot(
+        train_cfg, splits.test_index.unseen, cfg.allow_class_overlap, run.checkpoint(cfg.mode)
+    )
     rows = [dict(r, split="test") for _, r in splits.test]
     roots = [root for root, _ in splits.test]
     generalized = bool(cfg.dataset.generalized)
@@ -77,24 +83,41 @@ def infer(cfg, given=()):
         rows += [dict(r, split="seen") for r in seen_photos]
         roots += [ix.root] * len(seen_photos)
     if not rows:
-        raise UserError(f"the test split of {dcfg.test_idx} is empty; check the dataset root and split.")
+        raise UserError(
+            f"the test split of {dcfg.test_idx} is empty; check the dataset root and split."
+        )
     info = init_distributed(cfg.device)
     device = info.device(cfg.device)
-    model, _, eval_tf, tokenizer = build_model(OmegaConf.create(dict(train_cfg.model, pretrained=None)))
+    model, _, eval_tf, tokenizer = build_model(
+        OmegaConf.create(dict(train_cfg.model, pretrained=None))
+    )
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise UserError(f"{run.checkpoint(cfg.mode)} does not fit the model its config "
-                        f"describes (model.backbone={train_cfg.model.backbone}, model.n_mode="
-                        f"{train_cfg.model.n_mode}): {str(e).splitlines()[0]} The file was changed or "
-                        f"comes from another run; use that run's folder.") from None
+        raise UserError(
+            f"{run.checkpoint(cfg.mode)} does not fit the model its config "
+            f"describes (model.backbone={train_cfg.model.backbone}, model.n_mode="
+            f"{train_cfg.model.n_mode}): {str(e).splitlines()[0]} The file was changed or "
+            f"comes from another run; use that run's folder."
+        ) from None
     model.to(device)
-    log.info(f"embedding {len(rows)} images of {splits.test_index.name} ({splits.test_index.root}) "
-             f"with {run.checkpoint(cfg.mode)} on {device}, {info.world_size} process(es)")
+    log.info(
+        f"embedding {len(rows)} images of {splits.test_index.name} ({splits.test_index.root}) "
+        f"with {run.checkpoint(cfg.mode)} on {device}, {info.world_size} process(es)"
+    )
     pairs = list(zip(roots, rows))
-    emb = embed_rows(model, pairs[info.rank::info.world_size], eval_tf, tokenizer, int(cfg.batch_size),
-                     int(cfg.num_workers), device, cfg.precision, progress=info.is_main,
-                     cache=dcfg.cache)
+    emb = embed_rows(
+        model,
+        pairs[info.rank :: info.world_size],
+        eval_tf,
+        tokenizer,
+        int(cfg.batch_size),
+        int(cfg.num_workers),
+        device,
+        cfg.precision,
+        progress=info.is_main,
+        cache=dcfg.cache,
+    )
     if info.enabled:
         emb = gather_shards(emb, len(rows), info, device)
         cleanup_distributed()
@@ -110,10 +133,23 @@ def infer(cfg, given=()):
     for kind in out.EMBEDDINGS:
         save_torch(torch.from_numpy(emb[kind]), out.embeddings(kind))
     save_csv(rows, INDEX_COLUMNS, out.index)
-    selected_by = ckpt.get("selected_by") or (train_cfg.get("run") or {}).get("select") \
+    selected_by = (
+        ckpt.get("selected_by")
+        or (train_cfg.get("run") or {}).get("select")
         or train_cfg.get("train", {}).get("select")
-    save_json(dict(dataset=splits.test_index.name, root=str(splits.test_index.root), mode=cfg.mode,
-                   checkpoint=str(run.checkpoint(cfg.mode)), epoch=ckpt.get("epoch"), selected_by=selected_by,
-                   generalized=generalized, classes_seen_in_training=overlap), out.meta)
+    )
+    save_json(
+        dict(
+            dataset=splits.test_index.name,
+            root=str(splits.test_index.root),
+            mode=cfg.mode,
+            checkpoint=str(run.checkpoint(cfg.mode)),
+            epoch=ckpt.get("epoch"),
+            selected_by=selected_by,
+            generalized=generalized,
+            classes_seen_in_training=overlap,
+        ),
+        out.meta,
+    )
     log.info(f"wrote the embeddings and {out.index.name} to {out}")
     return out

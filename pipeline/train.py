@@ -1,4 +1,5 @@
 """The training pipeline: train(cfg, run_dir), the loop of the modality-aware model."""
+
 import math
 import os
 import time
@@ -16,7 +17,13 @@ from data.loader import PromptTable, collate, ignore_stop_signals, model_input
 from data.sampler import ResumableSampler
 from model.backbone import build_model, loss_ratios
 from model.loss import ModalityAwareLoss
-from model.checkpoint import check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from model.checkpoint import (
+    check_compatible,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from model.optim import build_optimizer
 from pipeline.selection import Selection
 from config.entry import prepare
@@ -32,10 +39,11 @@ from runtime.signals import StopRequested, exit_on_sigterm, sigterm_handler
 @dataclass
 class Progress:
     """The counters a checkpoint carries, so that a run resumes exactly where it stopped."""
-    epoch: int = 0            # completed epochs
-    step: int = 0             # optimiser steps
-    batch_in_epoch: int = 0   # batches of the current epoch already trained
-    best: float = -math.inf   # best selection score so far (higher is better)
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimiser steps
+    batch_in_epoch: int = 0  # batches of the current epoch already trained
+    best: float = -math.inf  # best selection score so far (higher is better)
     history: list = field(default_factory=list)
     wandb_id: str | None = None
 
@@ -54,17 +62,26 @@ class Trainer:
         check_before_training(self.splits, int(cfg.model.n_mode))
         self.selection = Selection(cfg, self.splits)
         self.select = self.selection.rule
-        cfg.run = dict(train_classes=list(self.splits.train_classes), val_classes=list(self.splits.val_classes),
-                       select=self.select)  # recorded in config.yaml and every checkpoint
+        cfg.run = dict(
+            train_classes=list(self.splits.train_classes),
+            val_classes=list(self.splits.val_classes),
+            select=self.select,
+        )  # recorded in config.yaml and every checkpoint
         self.model, train_tf, self.eval_tf, self.tokenizer = build_model(cfg.model)
         self.model.to(self.device)
         self.ratios = loss_ratios(cfg.model)
         if sum(self.ratios.values()) <= 0:
-            raise UserError("every model.*_loss_ratio is 0; set at least one above 0 (e.g. model.clip_loss_ratio=1).")
+            raise UserError(
+                "every model.*_loss_ratio is 0; set at least one above 0 (e.g. "
+                "model.clip_loss_ratio=1)."
+            )
         self.build_loader(train_tf if cfg.dataset.augment else self.eval_tf)
-        self.optimizer, self.scheduler, self.accum = build_optimizer(self.model, cfg.train, len(self.loader))
+        self.optimizer, self.scheduler, self.accum = build_optimizer(
+            self.model, cfg.train, len(self.loader)
+        )
         self.scaler = torch.amp.GradScaler(
-            "cuda", enabled=self.device.type == "cuda" and cfg.train.precision == "fp16")
+            "cuda", enabled=self.device.type == "cuda" and cfg.train.precision == "fp16"
+        )
         self.wrap_model()
         self.progress, self.skipped = Progress(), 0
         if resume is not None:
@@ -79,8 +96,11 @@ class Trainer:
 
     def load_resume(self):
         if not self.run.last.is_file():
-            raise UserError(f"cannot resume {self.run.path}: it has no model/last.pth (the run stopped before "
-                            f"its first checkpoint). Start a new run in a new folder; this one is left as it is.")
+            raise UserError(
+                f"cannot resume {self.run.path}: it has no model/last.pth (the run stopped before "
+                f"its first checkpoint). Start a new run in a new folder; this one is left as it "
+                f"is."
+            )
         ckpt = load_checkpoint(self.run.last)
         check_compatible(ckpt["config"], self.cfg, self.run.last)
         if ckpt.get("best_pending") and self.info.is_main:
@@ -98,35 +118,56 @@ class Trainer:
         if have is not None and have.get("step") == last["step"]:
             return
         self.save(best_state(last), best)
-        log.info(f"best.pth of epoch {last['epoch']} was not written (the run was stopped just "
-                 f"before); written now from {self.run.last}")
+        log.info(
+            f"best.pth of epoch {last['epoch']} was not written (the run was stopped just "
+            f"before); written now from {self.run.last}"
+        )
 
     def write_config(self):
         """config.yaml (and .hydra/ of a new run): the settings, with what the run trains on."""
         self.run.track(self.run.model_dir).mkdir(parents=True, exist_ok=True)
         save_text(OmegaConf.to_yaml(self.cfg), self.run.track(self.run.config))
         self.run.save_hydra_files(self.cfg)
-        log.info(f"run folder {self.run.path}; {len(self.loader.dataset)} training images of "
-                 f"{len(self.splits.train_classes)} classes, {len(self.splits.val)} validation images of "
-                 f"{len(self.splits.val_classes)} classes, best.pth by {self.select}, device {self.device}, "
-                 f"world size {self.info.world_size}")
+        log.info(
+            f"run folder {self.run.path}; {len(self.loader.dataset)} training images of "
+            f"{len(self.splits.train_classes)} classes, {len(self.splits.val)} validation images "
+            f"of "
+            f"{len(self.splits.val_classes)} classes, best.pth by {self.select}, device "
+            f"{self.device}, "
+            f"world size {self.info.world_size}"
+        )
 
     def build_loader(self, transform):
         cfg, info = self.cfg, self.info
         prompts = PromptTable(self.splits.train, self.tokenizer)
         self.tokens = prompts.tokens.to(self.device)
-        self.dataset = image_dataset(self.splits.train, transform, prompts, cfg.dataset.cache, info.is_main,
-                                     int(cfg.dataset.max_image_pixels), seed=int(cfg.seed))
-        self.sampler = ResumableSampler(self.dataset, int(cfg.seed), info.rank, info.world_size,
-                                        shuffle=bool(cfg.train.shuffle))
+        self.dataset = image_dataset(
+            self.splits.train,
+            transform,
+            prompts,
+            cfg.dataset.cache,
+            info.is_main,
+            int(cfg.dataset.max_image_pixels),
+            seed=int(cfg.seed),
+        )
+        self.sampler = ResumableSampler(
+            self.dataset, int(cfg.seed), info.rank, info.world_size, shuffle=bool(cfg.train.shuffle)
+        )
         self.loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=int(cfg.train.batch_size), sampler=self.sampler,
-            num_workers=min(int(cfg.train.num_workers), os.cpu_count() or 1), collate_fn=collate,
+            self.dataset,
+            batch_size=int(cfg.train.batch_size),
+            sampler=self.sampler,
+            num_workers=min(int(cfg.train.num_workers), os.cpu_count() or 1),
+            collate_fn=collate,
             worker_init_fn=ignore_stop_signals,
-            drop_last=info.enabled, pin_memory=bool(cfg.train.pin_memory) and self.device.type == "cuda")
+            drop_last=info.enabled,
+            pin_memory=bool(cfg.train.pin_memory) and self.device.type == "cuda",
+        )
         if len(self.loader) == 0:
-            raise UserError(f"the training split has {len(self.dataset)} images, fewer than one batch per "
-                            f"rank; lower train.batch_size.")
+            raise UserError(
+                f"the training split has {len(self.dataset)} images, fewer than one batch per "
+                f"rank; lower train.batch_size."
+            )
 
     def wrap_model(self):
         """DDP (with the all-ranks feature gather of the contrastive loss) and torch.compile."""
@@ -135,32 +176,57 @@ class Trainer:
             if self.cfg.train.gather_with_grad:
                 gather = GatherFeatures(self.info)
             r = self.ratios
-            unused = r["disc"] == 0 or r["clip"] == 0 or not any(r[k] > 0 for k in ("sem", "rec", "disc", "orth"))
+            unused = (
+                r["disc"] == 0
+                or r["clip"] == 0
+                or not any(r[k] > 0 for k in ("sem", "rec", "disc", "orth"))
+            )
             self.net = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=unused)
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=unused,
+            )
         if self.cfg.train.compile:
             self.net = torch.compile(self.net)
         self.loss = ModalityAwareLoss(self.ratios, gather)
 
     def checkpoint_state(self, batch_in_epoch):
         p = self.progress
-        return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                    scheduler=self.scheduler.state_dict(), scaler=self.scaler.state_dict(),
-                    epoch=p.epoch, step=p.step, batch_in_epoch=batch_in_epoch, best=p.best,
-                    history=p.history, rng=rng_state(), wandb_id=p.wandb_id, selected_by=self.select,
-                    config=OmegaConf.to_container(self.cfg, resolve=True))
+        return dict(
+            model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            scaler=self.scaler.state_dict(),
+            epoch=p.epoch,
+            step=p.step,
+            batch_in_epoch=batch_in_epoch,
+            best=p.best,
+            history=p.history,
+            rng=rng_state(),
+            wandb_id=p.wandb_id,
+            selected_by=self.select,
+            config=OmegaConf.to_container(self.cfg, resolve=True),
+        )
 
     def load_state(self, ckpt):
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        self.progress = Progress(ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"], ckpt["best"],
-                                 list(ckpt["history"]), ckpt.get("wandb_id"))
+        self.progress = Progress(
+            ckpt["epoch"],
+            ckpt["step"],
+            ckpt["batch_in_epoch"],
+            ckpt["best"],
+            list(ckpt["history"]),
+            ckpt.get("wandb_id"),
+        )
         set_rng_state(ckpt["rng"])
         p = self.progress
-        log.info(f"resumed from {self.run.last}: epoch {p.epoch + 1}, after batch {p.batch_in_epoch} of it, step {p.step}")
+        log.info(
+            f"resumed from {self.run.last}: epoch {p.epoch + 1}, after batch {p.batch_in_epoch} of "
+            f"it, step {p.step}"
+        )
 
     def fit(self):
         with StopRequested() as stop:
@@ -182,8 +248,14 @@ class Trainer:
         self.dataset.epoch = p.epoch
         self.sampler.set_epoch(p.epoch, start=first * int(cfg.train.batch_size))
         self.running, self.epoch_start = math.nan, time.time()
-        bar = tqdm(self.loader, desc=f"epoch {p.epoch + 1}/{cfg.train.epochs}", disable=not self.info.is_main,
-                   initial=first, total=first + len(self.loader), dynamic_ncols=True)
+        bar = tqdm(
+            self.loader,
+            desc=f"epoch {p.epoch + 1}/{cfg.train.epochs}",
+            disable=not self.info.is_main,
+            initial=first,
+            total=first + len(self.loader),
+            dynamic_ncols=True,
+        )
         for i, batch in enumerate(bar, start=first):
             boundary = (i + 1) % self.accum == 0 or i + 1 == first + len(self.loader)
             losses = self.train_batch(batch, boundary)
@@ -194,8 +266,10 @@ class Trainer:
             if boundary and self.stop_agreed(stop):
                 if self.info.is_main:
                     self.save(self.checkpoint_state(i + 1), self.run.last)
-                    log.info(f"signal {stop.signal} received: saved last.pth at epoch {p.epoch + 1}, "
-                             f"step {p.step}; resume with `python train.py resume={self.run.path}`")
+                    log.info(
+                        f"signal {stop.signal} received: saved last.pth at epoch {p.epoch + 1}, "
+                        f"step {p.step}; resume with `python train.py resume={self.run.path}`"
+                    )
                 raise SystemExit(128 + stop.signal)
         bar.close()
 
@@ -206,7 +280,9 @@ class Trainer:
         flag = torch.tensor(float(stop.signal or 0), device=self.device)
         if self.info.enabled:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        agreed = int(flag.item())  # a signal caught during the all-reduce counts at the next boundary
+        agreed = int(
+            flag.item()
+        )  # a signal caught during the all-reduce counts at the next boundary
         if agreed and stop.signal is None:
             stop.signal = agreed
         return agreed != 0
@@ -217,8 +293,12 @@ class Trainer:
         cfg, p = self.cfg, self.progress
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with autocast(self.device, cfg.train.precision):
-            images = model_input(batch["image"], self.eval_tf)  # cached uint8 batches are normalised here
-            total, losses = self.net(images, self.tokens, batch["prompt_id"], batch["m1"], batch["m2"], self.loss)
+            images = model_input(
+                batch["image"], self.eval_tf
+            )  # cached uint8 batches are normalised here
+            total, losses = self.net(
+                images, self.tokens, batch["prompt_id"], batch["m1"], batch["m2"], self.loss
+            )
         finite = torch.isfinite(total.detach()).float()
         if self.info.enabled:  # every rank skips or stops together, or DDP would hang
             torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
@@ -226,11 +306,15 @@ class Trainer:
             terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
             if cfg.train.on_nonfinite != "skip":
                 raise UserError(
-                    f"non-finite loss at epoch {p.epoch + 1}, step {p.step}: total={total.item()}, {terms}. "
-                    f"The last good checkpoint is {self.run.last}. Lower train.lr / train.clip_lr, use "
-                    f"train.precision=fp32, or set train.on_nonfinite=skip.")
+                    f"non-finite loss at epoch {p.epoch + 1}, step {p.step}: "
+                    f"total={total.item()}, {terms}. The last good checkpoint is {self.run.last}. "
+                    f"Lower train.lr / train.clip_lr, use train.precision=fp32, or set "
+                    f"train.on_nonfinite=skip."
+                )
             self.skipped += 1
-            log.warning(f"non-finite loss at step {p.step} ({terms}); batch skipped ({self.skipped} so far)")
+            log.warning(
+                f"non-finite loss at step {p.step} ({terms}); batch skipped ({self.skipped} so far)"
+            )
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.scaler.scale(total / self.accum).backward()
@@ -255,7 +339,10 @@ class Trainer:
             metrics = {f"loss/{k}": v.item() for k, v in losses.items()}
             metrics.update({f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups})
             metrics["epoch"] = p.epoch
-            log.info(f"epoch {p.epoch + 1} step {p.step} " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+            log.info(
+                f"epoch {p.epoch + 1} step {p.step} "
+                + " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+            )
             if self.wandb is not None:
                 self.wandb.log(metrics, step=p.step)
         if tcfg.save_every_steps and p.step % int(tcfg.save_every_steps) == 0:
@@ -265,16 +352,22 @@ class Trainer:
         """Score, record, and write last.pth (and best.pth when the selection says so)."""
         p = self.progress
         p.epoch, p.batch_in_epoch = p.epoch + 1, 0
-        score, what = self.selection.score(p.epoch, self.model, self.eval_tf, self.tokenizer, self.ratios,
-                                           self.device, self.info)
+        score, what = self.selection.score(
+            p.epoch, self.model, self.eval_tf, self.tokenizer, self.ratios, self.device, self.info
+        )
         seconds = time.time() - self.epoch_start
-        p.history.append(dict(epoch=p.epoch, step=p.step, score=score, loss=self.running, seconds=seconds))
+        p.history.append(
+            dict(epoch=p.epoch, step=p.step, score=score, loss=self.running, seconds=seconds)
+        )
         if self.info.is_main:
             improved = self.selection.improved(score, p.best)
             if improved and score is not None and self.select != "last":
                 p.best = score
-            log.info(f"epoch {p.epoch} done in {seconds:.1f}s: loss {self.running:.4f}"
-                     + (f", {what}" if what else "") + (f"; best.pth <- epoch {p.epoch} ({self.select})" if improved else ""))
+            log.info(
+                f"epoch {p.epoch} done in {seconds:.1f}s: loss {self.running:.4f}"
+                + (f", {what}" if what else "")
+                + (f"; best.pth <- epoch {p.epoch} ({self.select})" if improved else "")
+            )
             if self.wandb is not None and score is not None:
                 self.wandb.log({"select/score": score}, step=p.step)
             ckpt = dict(self.checkpoint_state(0), best_pending=bool(improved))
@@ -289,10 +382,12 @@ class Trainer:
             save_checkpoint(state, path)
         except UserError as e:
             other = [p for p in (self.run.last, self.run.best) if p != path and p.is_file()]
-            then = (f" Then continue with python train.py resume={self.run.path}."
-                    if self.run.last.is_file() else
-                    f" The run had no checkpoint yet; its train.log and config.yaml are kept in "
-                    f"{self.run.path}. Then start the run again in a new folder.")
+            then = (
+                f" Then continue with python train.py resume={self.run.path}."
+                if self.run.last.is_file()
+                else f" The run had no checkpoint yet; its train.log and config.yaml are kept in "
+                f"{self.run.path}. Then start the run again in a new folder."
+            )
             intact = f" {other[0]} is intact too." if other else ""
             raise type(e)(f"{e}{intact}{then}") from None
 

@@ -1,5 +1,6 @@
 """RunFolder: every path of a training run, who owns it (a marker plus an exclusive lock), and
 the clean-up of a failed start that removes only what this process wrote."""
+
 import fcntl
 import json
 import os
@@ -41,13 +42,17 @@ def _holder_text(f):
         h = json.loads(f.read() or "{}")
     except ValueError:
         return "another process"
-    return f"process {h.get('pid')} on {h.get('host')} (started {h.get('started')}: {h.get('command')})"
+    return (
+        f"process {h.get('pid')} on {h.get('host')} (started {h.get('started')}: "
+        f"{h.get('command')})"
+    )
 
 
 class InferOutput:
     """infer_output/<mode>/<dataset>[-gzs]/ of a run: what infer.py writes (embeddings, index.csv,
     infer_meta.json) and what evaluate.py writes beside them. The *_logits.pt names are the seed's;
     the files hold embeddings."""
+
     EMBEDDINGS = ("img", "txt", "converted")
 
     def __init__(self, path):
@@ -71,17 +76,20 @@ class InferOutput:
     report_html = property(lambda self: self.path / "report.html")
     report_grid = property(lambda self: self.path / "report_grid.png")
     report_images = property(lambda self: self.path / "report_images")
-    results = property(lambda self: [self.result, self.report_html, self.report_grid, self.report_images])
+    results = property(
+        lambda self: [self.result, self.report_html, self.report_grid, self.report_images]
+    )
     run = property(lambda self: RunFolder(self.path.parent.parent.parent))
 
 
 class RunFolder:
     """A run folder: `outputs/<date>/<time>/` with config.yaml, train.log, model/{best,last}.pth,
-    infer_output/<mode>/<dataset>/ (InferOutput). Writing into it needs `claim()`; reading does not."""
+    infer_output/<mode>/<dataset>/ (InferOutput). Writing into it needs `claim()`; reading does
+    not."""
 
     def __init__(self, path):
         self.path = Path(path)
-        self.created = []      # files and folders this process made, in creation order
+        self.created = []  # files and folders this process made, in creation order
         self.made_here = False
         self._lock = None
 
@@ -110,7 +118,8 @@ class RunFolder:
     index_dir = property(lambda self: self.path / "index")  # search galleries (gallery/index.py)
 
     def is_run(self):
-        """A folder of this project: the marker, or (runs of earlier versions) config.yaml + model/."""
+        """A folder of this project: the marker, or (runs of earlier versions) config.yaml +
+        model/."""
         return self.marker.is_file() or (self.config.is_file() and self.model_dir.is_dir())
 
     def has_checkpoint(self):
@@ -126,19 +135,27 @@ class RunFolder:
         """Make this process the folder's only writer. A new run needs a new or empty folder
         (a fresh Hydra folder); resume needs a run folder of this project."""
         if self.path.exists() and not self.path.is_dir():
-            raise UserError(f"run folder {self.path} is a file; choose a folder (hydra.run.dir=...).")
+            raise UserError(
+                f"run folder {self.path} is a file; choose a folder (hydra.run.dir=...)."
+            )
         if self.marker.is_symlink() or (self.marker.exists() and not self.marker.is_file()):
-            raise UserError(f"{self.marker} is not a plain file (a link or a folder): this folder was not made "
-                            f"by train.py, and nothing in it is touched. Choose another folder.")
+            raise UserError(
+                f"{self.marker} is not a plain file (a link or a folder): this folder was not made "
+                f"by train.py, and nothing in it is touched. Choose another folder."
+            )
         if not resume and not self.is_run() and self.foreign_entries():
             shown = ", ".join(self.foreign_entries()[:5])
             raise UserError(
-                f"{self.path} is not empty ({shown}, ...) and is not a ma-sbir run folder; a new run "
+                f"{self.path} is not empty ({shown}, ...) and is not a ma-sbir run folder; a new "
+                f"run "
                 f"never writes into a folder it did not create. Choose a new or empty folder "
-                f"(hydra.run.dir=outputs/<name>), or resume a run with resume=<run folder>.")
+                f"(hydra.run.dir=outputs/<name>), or resume a run with resume=<run folder>."
+            )
         if resume and not self.is_run():
-            raise UserError(f"cannot resume {self.path}: it is not a run folder of train.py (no "
-                            f"{self.config.name} and model/). Pass resume=<a folder train.py wrote>.")
+            raise UserError(
+                f"cannot resume {self.path}: it is not a run folder of train.py (no "
+                f"{self.config.name} and model/). Pass resume=<a folder train.py wrote>."
+            )
         self.made_here = made_by_this_process(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         if not self.marker.exists():
@@ -149,19 +166,32 @@ class RunFolder:
         except BlockingIOError:
             holder = _holder_text(f)
             f.close()
-            raise UserError(f"run folder {self.path} is in use by {holder}. One trainer writes a run "
-                            f"folder at a time: wait for it, stop it, or choose another folder.") from None
+            raise UserError(
+                f"run folder {self.path} is in use by {holder}. One trainer writes a run "
+                f"folder at a time: wait for it, stop it, or choose another folder."
+            ) from None
         self._lock = f
         HELD.add(f.fileno())
         if not resume and (self.has_checkpoint() or self.config.is_file()):
             self.release()
-            raise UserError(f"{self.path} already holds a run ({'model/*.pth' if self.has_checkpoint() else 'config.yaml'}). "
-                            f"Continue it with resume={self.path} (when it has model/last.pth), or choose a "
-                            f"new folder for a new run; nothing in it was changed.")
+            raise UserError(
+                f"{self.path} already holds a run "
+                f"({'model/*.pth' if self.has_checkpoint() else 'config.yaml'}). "
+                f"Continue it with resume={self.path} (when it has model/last.pth), or choose a "
+                f"new folder for a new run; nothing in it was changed."
+            )
         f.seek(0)
         f.truncate()
-        f.write(json.dumps(dict(pid=os.getpid(), host=socket.gethostname(),
-                                started=time.strftime("%Y-%m-%d %H:%M:%S"), command=" ".join(sys.argv))))
+        f.write(
+            json.dumps(
+                dict(
+                    pid=os.getpid(),
+                    host=socket.gethostname(),
+                    started=time.strftime("%Y-%m-%d %H:%M:%S"),
+                    command=" ".join(sys.argv),
+                )
+            )
+        )
         f.flush()
         return self
 
@@ -173,11 +203,13 @@ class RunFolder:
         return path
 
     def save_hydra_files(self, cfg):
-        """.hydra/{config,hydra,overrides}.yaml as Hydra writes them, once the folder is this run's."""
+        """.hydra/{config,hydra,overrides}.yaml as Hydra writes them, once the folder is this
+        run's."""
         from hydra.core.hydra_config import HydraConfig
         from omegaconf import OmegaConf
 
         from runtime.io import save_text
+
         folder = self.path / ".hydra"
         if not HydraConfig.initialized() or folder.exists():
             return
@@ -239,20 +271,23 @@ def find_run(path):
     for candidate in (given, Path("outputs") / given):
         if candidate.is_dir():
             return RunFolder(candidate)
-    raise UserError(f"run folder {given} does not exist (nor outputs/{given}); pass path=<the folder "
-                    f"train.py wrote>, e.g. path=outputs/2026-11-25/12-00-00 or path=2026-11-25/12-00-00.")
+    raise UserError(
+        f"run folder {given} does not exist (nor outputs/{given}); pass path=<the folder "
+        f"train.py wrote>, e.g. path=outputs/2026-11-25/12-00-00 or path=2026-11-25/12-00-00."
+    )
 
 
 GROUPS = ("dataset", "model", "experiment", "hydra/launcher")
 
 
 def current_defaults():
-    """This version's defaults (config/schema.py), untyped and without the authors' aliases, under the
-    config of a run started by an older version that lacks some keys. model.max_length and
+    """This version's defaults (config/schema.py), untyped and without the authors' aliases, under
+    the config of a run started by an older version that lacks some keys. model.max_length and
     model.quick_gelu stay null there: the behaviour of runs from before those keys (77 tokens, the
     activation the weights name)."""
     from config.entry import rules
     from config.schema import TrainConfig
+
     typed = OmegaConf.structured(TrainConfig)
     base = OmegaConf.create()
     for key in rules(TrainConfig):
@@ -266,21 +301,36 @@ def resume_config(run_dir, overrides=()):
     """The config saved in `run_dir`, with command-line overrides (other than resume=) applied."""
     run = RunFolder(run_dir)
     if not run.path.is_dir():
-        raise UserError(f"cannot resume {run.path}: no such folder. Pass resume=<a run folder written by train.py>.")
+        raise UserError(
+            f"cannot resume {run.path}: no such folder. "
+            f"Pass resume=<a run folder written by train.py>."
+        )
     if not run.config.is_file():
-        raise UserError(f"cannot resume: {run.config} does not exist. Pass resume=<a run folder written by train.py>.")
+        raise UserError(
+            f"cannot resume: {run.config} does not exist. "
+            f"Pass resume=<a run folder written by train.py>."
+        )
     try:
         saved = OmegaConf.load(run.config)
     except Exception as e:  # a config.yaml cut or edited by hand
-        raise UserError(f"cannot resume: {run.config} does not parse ({str(e).splitlines()[0]}). Restore it "
-                        f"from .hydra/config.yaml in the same folder, or start a new run.") from None
+        raise UserError(
+            f"cannot resume: {run.config} does not parse ({str(e).splitlines()[0]}). Restore it "
+            f"from .hydra/config.yaml in the same folder, or start a new run."
+        ) from None
     cfg = OmegaConf.merge(current_defaults(), saved)  # keys newer than the run
     groups = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
     if groups:
         from runtime.logs import log
-        log.warning(f"resume keeps the run's own settings: {groups} ignored (config groups cannot change "
-                    f"on resume; single keys such as train.epochs=... can).")
-    extra = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~").startswith("resume") and o not in groups]
+
+        log.warning(
+            f"resume keeps the run's own settings: {groups} ignored (config groups cannot change "
+            f"on resume; single keys such as train.epochs=... can)."
+        )
+    extra = [
+        o
+        for o in overrides
+        if not o.split("=", 1)[0].lstrip("+~").startswith("resume") and o not in groups
+    ]
     if extra:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in extra]))
     cfg.resume = str(run.path)

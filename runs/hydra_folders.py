@@ -1,11 +1,14 @@
 """Hydra's run and sweep folders: the FolderGuard callback that runs before Hydra writes any, and
 the clean-up of a sweep folder whose first job failed to start."""
+
 import sys
 from pathlib import Path
 
 from runs.folder import RunFolder, remove_empty_run_folder
 
-FRESH_SWEEPS = set()  # sweep folders FolderGuard saw absent before Hydra made them (in this process)
+FRESH_SWEEPS = (
+    set()
+)  # sweep folders FolderGuard saw absent before Hydra made them (in this process)
 
 
 def remove_unused_sweep(folder):
@@ -35,11 +38,16 @@ class FolderGuard:
             FRESH_SWEEPS.add(folder.resolve())
         entries = list(folder.iterdir()) if folder.is_dir() else []
         runs = [p for p in entries if RunFolder(p).is_run()]
-        ours = {"multirun.yaml", ".submitit"} if runs else set()  # Hydra's own files beside our runs
+        ours = (
+            {"multirun.yaml", ".submitit"} if runs else set()
+        )  # Hydra's own files beside our runs
         foreign = [p.name for p in entries if p.name not in ours and p not in runs]
         if foreign:
-            _refuse(f"hydra.sweep.dir={folder} holds {sorted(foreign)[:5]}, which no sweep of this project "
-                    f"wrote; a sweep never writes into such a folder. Choose a new or empty folder.")
+            _refuse(
+                f"hydra.sweep.dir={folder} holds {sorted(foreign)[:5]}, which no sweep of this "
+                f"project "
+                f"wrote; a sweep never writes into such a folder. Choose a new or empty folder."
+            )
 
     def __getattr__(self, name):  # Hydra's other callback hooks: nothing to do
         if name.startswith("on_"):

@@ -1,4 +1,5 @@
 """Atomic file writes and safe checkpoint loading: a crash never leaves a half-written file."""
+
 import csv
 import errno
 import io
@@ -17,7 +18,7 @@ import torch
 from runtime.errors import UserError
 
 
-HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())   # in temporary names: no "." or "-"
+HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())  # in temporary names: no "." or "-"
 
 
 class DiskFullError(UserError):
@@ -31,7 +32,9 @@ def atomic_path(path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-{HOST}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.{os.getpid()}-{HOST}.", suffix=".tmp", dir=path.parent
+    )
     os.close(fd)
     try:
         yield Path(tmp)
@@ -42,10 +45,11 @@ def atomic_path(path):
     except (OSError, RuntimeError) as e:
         reason = disk_full_reason(e)
         if reason is not None:
-            raise DiskFullError(f"no space left on the device ({reason}) while writing {path}; "
-                                f"nothing was "
-                                f"replaced: {'the previous ' + path.name + ' is intact' if path.exists() else 'no file was written'}. "
-                                f"Free some space (df -h {path.parent}) and run again.") from None
+            kept = f"the previous {path.name} is intact" if path.exists() else "no file was written"
+            raise DiskFullError(
+                f"no space left on the device ({reason}) while writing {path}; nothing was "
+                f"replaced: {kept}. Free some space (df -h {path.parent}) and run again."
+            ) from None
         raise
     finally:
         if os.path.exists(tmp):
@@ -71,7 +75,7 @@ def remove_stale_temporaries(path):
     """Delete `.name.<pid>-<host>.*.tmp` files beside `path` whose writing process, on this machine,
     is gone. Another machine's (a folder shared by a cluster) may be a write in progress: kept."""
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-        pid, _, host = tmp.name[len(path.name) + 2:].split(".")[0].partition("-")
+        pid, _, host = tmp.name[len(path.name) + 2 :].split(".")[0].partition("-")
         if pid.isdigit() and host in (HOST, "") and not _alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
@@ -123,8 +127,13 @@ def load_torch(path, map_location="cpu"):
     """torch.load with weights_only=True; a file that needs arbitrary code gets a clear refusal."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such file. Check the run folder (path=...) and the checkpoint mode (best or last).")
-    if not zipfile.is_zipfile(path) and path.open("rb").read(1) != b"\x80":  # neither format of torch.save
+        raise UserError(
+            f"{path}: no such file. Check the run folder (path=...) and the checkpoint mode (best "
+            f"or last)."
+        )
+    if (
+        not zipfile.is_zipfile(path) and path.open("rb").read(1) != b"\x80"
+    ):  # neither format of torch.save
         raise damaged(path, ValueError("not a PyTorch file"))
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
@@ -133,7 +142,8 @@ def load_torch(path, map_location="cpu"):
             raise damaged(path, e) from None
         raise UnsafeCheckpointError(
             f"{path}: refused to load. The file holds Python objects other than tensors, numbers, "
-            f"strings and plain containers, so loading it could run code. Only load checkpoints you "
+            f"strings and plain containers, so loading it could run code. Only load checkpoints "
+            f"you "
             f"trust, and re-save them as a state dict. (torch said: {str(e).splitlines()[0]})"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
@@ -142,6 +152,8 @@ def load_torch(path, map_location="cpu"):
 
 def damaged(path, err):
     first = (str(err).splitlines() or [type(err).__name__])[0][:200]
-    return UserError(f"{path} is damaged or truncated and cannot be read ({first}). It was not written "
-                     f"by a finished save of this project, or was cut when copied; copy it again or use "
-                     f"another file.")
+    return UserError(
+        f"{path} is damaged or truncated and cannot be read ({first}). It was not written "
+        f"by a finished save of this project, or was cut when copied; copy it again or use "
+        f"another file."
+    )

@@ -1,5 +1,6 @@
 """SIGINT / SIGTERM handling: a stop request the training loop answers at its next step, and the
 handlers used while a run is being set up."""
+
 import signal
 
 

@@ -1,6 +1,7 @@
 """A killed run resumes at once: kill -9 with loader workers alive frees the run folder, SIGTERM to
 the whole process group saves last.pth, a kill between last.pth and best.pth loses nothing, a
 full disk (torch's own error form) is named as such and never removes the run's log."""
+
 import fcntl
 import os
 import signal
@@ -18,15 +19,35 @@ from runs.folder import MARKER, resume_config
 from runtime.io import DiskFullError, save_torch
 from tests.conftest import REPO
 
-SLOW_RUN = ["model=tiny", "dataset=demo", "train.batch_size=2", "train.num_workers=2", "device=cpu",
-            "logger.wandb.mode=disabled", "eval.chunk_size=64", "train.warmup_steps=2"]
+SLOW_RUN = [
+    "model=tiny",
+    "dataset=demo",
+    "train.batch_size=2",
+    "train.num_workers=2",
+    "device=cpu",
+    "logger.wandb.mode=disabled",
+    "eval.chunk_size=64",
+    "train.warmup_steps=2",
+]
 
 
 def start(run, demo_root, *args):
-    command = [sys.executable, str(REPO / "train.py"), *SLOW_RUN, f"dataset.root={demo_root}",
-               f"hydra.run.dir={run}", *args]
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    command = [
+        sys.executable,
+        str(REPO / "train.py"),
+        *SLOW_RUN,
+        f"dataset.root={demo_root}",
+        f"hydra.run.dir={run}",
+        *args,
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def children(pid):
@@ -56,8 +77,13 @@ def lock_is_free(run):
 
 
 def resume(run, *args):
-    return subprocess.run([sys.executable, str(REPO / "train.py"), f"resume={run}", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), f"resume={run}", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def reap(p):
@@ -131,6 +157,7 @@ def test_a_kill_between_last_and_best_loses_no_best(tmp_path, tiny_train_cfg, mo
         real(state, path)
         if path.name == "last.pth" and state["batch_in_epoch"] == 0:
             raise Killed()
+
     monkeypatch.setattr(pipeline_train, "save_checkpoint", killed_after_last)
     with pytest.raises(Killed):
         train(tiny_train_cfg("train.epochs=1"), run)
@@ -161,11 +188,16 @@ def test_torchs_own_form_of_a_full_disk_is_disk_full(tmp_path, monkeypatch):
     path = tmp_path / "last.pth"
     save_torch({"w": torch.ones(2)}, path)
     for text in (TORCH_FULL, "PytorchStreamWriter failed writing file data/0: file write failed"):
+
         def full(obj, f, *a, **k):
             raise RuntimeError(text)
+
         monkeypatch.setattr(torch, "save", full)
-        with pytest.raises(DiskFullError, match=r"no space left on the device \(torch: .*last.pth "
-                                                r"is intact"):
+        with pytest.raises(
+            DiskFullError,
+            match=r"no space left on the device \(torch: .*last.pth "
+            r"is intact",
+        ):
             save_torch({"w": torch.zeros(2)}, path)
     monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("other")))
     with pytest.raises(RuntimeError, match="^other$"):  # any other failure: not a full disk
@@ -175,15 +207,20 @@ def test_torchs_own_form_of_a_full_disk_is_disk_full(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["last.pth"]
 
 
-def test_a_full_disk_at_the_first_checkpoint_keeps_the_runs_log(tmp_path, tiny_train_cfg,
-                                                                  monkeypatch):
+def test_a_full_disk_at_the_first_checkpoint_keeps_the_runs_log(
+    tmp_path, tiny_train_cfg, monkeypatch
+):
     run = tmp_path / "run"
 
     def full(obj, f, *a, **k):
         raise RuntimeError(TORCH_FULL)
+
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(DiskFullError, match=r"no space left.*no file was written.*train.log and "
-                                            r"config.yaml are kept"):
+    with pytest.raises(
+        DiskFullError,
+        match=r"no space left.*no file was written.*train.log and "
+        r"config.yaml are kept",
+    ):
         train(tiny_train_cfg(), run)
     monkeypatch.undo()
     assert (run / "config.yaml").is_file() and "epoch 1 step" in (run / "train.log").read_text()
@@ -194,14 +231,20 @@ def test_a_real_full_filesystem(tmp_path):
     """A small tmpfs filled up: torch's writer fails as it does there (not with ENOSPC)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'not permitted'})")
     try:
         save_torch({"w": torch.ones(4)}, mnt / "last.pth")
-        with pytest.raises(DiskFullError, match=r"no space left on the device .*last.pth is "
-                                                r"intact"):
+        with pytest.raises(
+            DiskFullError,
+            match=r"no space left on the device .*last.pth is "
+            r"intact",
+        ):
             save_torch({"w": torch.zeros(1 << 18)}, mnt / "last.pth")
         assert os.listdir(mnt) == ["last.pth"]
         assert torch.equal(torch.load(mnt / "last.pth", weights_only=True)["w"], torch.ones(4))

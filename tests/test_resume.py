@@ -1,4 +1,5 @@
 """Never lose a run: resume equals a straight run; SIGTERM saves last.pth; non-finite loss stops."""
+
 import os
 import signal
 
@@ -41,6 +42,7 @@ def test_sigterm_saves_last_checkpoint_and_exits(tmp_path, tiny_train_cfg):
             step_then_signal.sent = True
             os.kill(os.getpid(), signal.SIGTERM)
         return out
+
     torch.optim.AdamW.step = step_then_signal
     try:
         with pytest.raises(SystemExit) as stop:
@@ -55,16 +57,20 @@ def test_sigterm_saves_last_checkpoint_and_exits(tmp_path, tiny_train_cfg):
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_stops_with_a_message_and_keeps_last_good(tmp_path, tiny_train_cfg, monkeypatch):
+def test_nonfinite_loss_stops_with_a_message_and_keeps_last_good(
+    tmp_path, tiny_train_cfg, monkeypatch
+):
     run = tmp_path / "run"
     train(tiny_train_cfg(), run)
     good = weights(run)
     from model.loss import ModalityAwareLoss
+
     real = ModalityAwareLoss.__call__
 
     def poisoned(*a, **k):
         total, losses = real(*a, **k)
         return total * float("nan"), losses
+
     monkeypatch.setattr(ModalityAwareLoss, "__call__", poisoned)
     with pytest.raises(UserError, match=r"non-finite loss at epoch 2, step \d+: total=nan, clip="):
         train(resume_config(run, ["train.epochs=2"]), run)
@@ -89,6 +95,7 @@ def test_resume_continues_the_same_wandb_run(tmp_path, tiny_train_cfg, monkeypat
     def fake_init(**kwargs):
         calls.append(kwargs)
         return FakeRun()
+
     monkeypatch.setattr(wandb, "init", fake_init)
     run = tmp_path / "run"
     train(tiny_train_cfg("logger.wandb.mode=offline"), run)
@@ -112,6 +119,7 @@ def test_sigterm_mid_epoch_with_workers_resumes_exactly(tmp_path, tiny_train_cfg
         if calls["n"] == 5:
             os.kill(os.getpid(), signal.SIGTERM)
         return out
+
     torch.optim.AdamW.step = signal_at_step_5
     try:
         with pytest.raises(SystemExit):
@@ -126,10 +134,13 @@ def test_sigterm_mid_epoch_with_workers_resumes_exactly(tmp_path, tiny_train_cfg
 
 
 @pytest.mark.slow
-def test_a_stop_inside_an_accumulation_window_resumes_exactly(tmp_path, tiny_train_cfg, monkeypatch):
+def test_a_stop_inside_an_accumulation_window_resumes_exactly(
+    tmp_path, tiny_train_cfg, monkeypatch
+):
     """SIGTERM on the first micro-batch of a window: the run finishes the window, saves at its
     boundary, and the resumed run equals a straight one."""
     from model.loss import ModalityAwareLoss
+
     cfg = ("train.epochs=1", "train.batch_size=16", "train.accum_steps=2")
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     train(tiny_train_cfg(*cfg), straight)
@@ -140,6 +151,7 @@ def test_a_stop_inside_an_accumulation_window_resumes_exactly(tmp_path, tiny_tra
         if calls["n"] == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*a, **k)
+
     monkeypatch.setattr(ModalityAwareLoss, "__call__", signal_on_third_batch)
     with pytest.raises(SystemExit):
         train(tiny_train_cfg(*cfg), stopped)

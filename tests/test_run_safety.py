@@ -1,5 +1,6 @@
 """Run folders as a careless or hostile user meets them: a failed start never deletes what the
 project did not write, one trainer per folder, resume mistakes, stale temporary files."""
+
 import errno
 import os
 import subprocess
@@ -15,13 +16,25 @@ from runtime.io import save_torch
 from runs.folder import MARKER, RunFolder, resume_config
 from runtime.errors import UserError
 
-TINY = ["model=tiny", "dataset=demo", "train.epochs=1", "train.batch_size=32", "train.num_workers=0",
-        "device=cpu", "logger.wandb.mode=disabled"]
+TINY = [
+    "model=tiny",
+    "dataset=demo",
+    "train.epochs=1",
+    "train.batch_size=32",
+    "train.num_workers=0",
+    "device=cpu",
+    "logger.wandb.mode=disabled",
+]
 
 
 def train_cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def user_folder(path):
@@ -35,7 +48,9 @@ def test_failed_start_keeps_a_users_folder(tmp_path, monkeypatch):
     monkeypatch.delenv("MA_SBIR_SKETCHY", raising=False)
     p = user_folder(tmp_path / "p")
     r = train_cli("model=tiny", "dataset=sketchy", f"hydra.run.dir={p}")
-    assert r.returncode == 1 and "is not empty (notes.txt" in r.stderr and "Traceback" not in r.stderr
+    assert (
+        r.returncode == 1 and "is not empty (notes.txt" in r.stderr and "Traceback" not in r.stderr
+    )
     assert sorted(os.listdir(p)) == ["notes.txt"] and (p / "notes.txt").read_text() == "keep"
 
 
@@ -46,7 +61,9 @@ def test_run_dir_dot_inside_a_clone_deletes_nothing(tmp_path, demo_root):
     (clone / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     r = train_cli(*TINY, f"dataset.root={demo_root}", "hydra.run.dir=.", cwd=clone)
     assert r.returncode == 1 and "not a ma-sbir run folder" in r.stderr
-    assert sorted(os.listdir(clone)) == [".git", "notes.txt"] and (clone / ".git" / "HEAD").is_file()
+    assert (
+        sorted(os.listdir(clone)) == [".git", "notes.txt"] and (clone / ".git" / "HEAD").is_file()
+    )
 
 
 @pytest.mark.slow
@@ -71,7 +88,9 @@ def test_resume_into_another_folder_and_of_a_missing_folder(tmp_path, demo_root,
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").iterdir())
 
 
-def test_resume_of_a_run_killed_before_its_first_checkpoint_keeps_its_files(tmp_path, tiny_train_cfg):
+def test_resume_of_a_run_killed_before_its_first_checkpoint_keeps_its_files(
+    tmp_path, tiny_train_cfg
+):
     run = tmp_path / "run"
     run.mkdir()
     (run / MARKER).write_text("{}")
@@ -81,7 +100,11 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_keeps_its_files(tmp_
     with pytest.raises(UserError, match="no model/last.pth"):
         train(resume_config(run, []), run)
     assert (run / "train.log").read_text().startswith("the story so far")
-    assert (run / "config.yaml").read_text() == saved and sorted(os.listdir(run)) == [MARKER, "config.yaml", "train.log"]
+    assert (run / "config.yaml").read_text() == saved and sorted(os.listdir(run)) == [
+        MARKER,
+        "config.yaml",
+        "train.log",
+    ]
 
 
 @pytest.mark.slow
@@ -106,8 +129,13 @@ def test_second_trainer_in_one_folder_is_told_who_holds_it(tmp_path, demo_root):
 
 
 def test_the_lock_dies_with_its_process(tmp_path):
-    code = f"from runs.folder import RunFolder; RunFolder({str(tmp_path / 'r')!r}).claim(); print('held')"
-    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    code = (
+        f"from runs.folder import RunFolder; RunFolder({str(tmp_path / 'r')!r}).claim(); "
+        f"print('held')"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert p.stdout.strip() == "held"
     RunFolder(tmp_path / "r").claim(resume=False).release()  # a dead holder blocks nobody
 
@@ -115,8 +143,9 @@ def test_the_lock_dies_with_its_process(tmp_path):
 def test_stale_temporary_files_go_at_the_next_save(tmp_path):
     path = tmp_path / "model" / "last.pth"
     save_torch({"w": torch.ones(2)}, path)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     stale = path.parent / f".last.pth.{dead}.abc123.tmp"
     stale.write_bytes(b"half")
     mine = path.parent / f".last.pth.{os.getpid()}.live.tmp"  # a save in progress is left alone
@@ -131,8 +160,13 @@ def test_full_disk_during_a_save_says_so_and_keeps_the_last_good_file(tmp_path, 
 
     def full(obj, f, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(UserError, match=r"no space left on the device \(No space left on device\) while writing .*last.pth is intact"):
+    with pytest.raises(
+        UserError,
+        match=r"no space left on the device \(No space left on device\) while writing .*last.pth "
+        r"is intact",
+    ):
         save_torch({"w": torch.zeros(2)}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(2))
@@ -147,8 +181,11 @@ def test_disk_full_in_training_names_the_intact_checkpoint(tmp_path, tiny_train_
 
     def full(obj, f, *a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(torch, "save", full)
-    with pytest.raises(UserError, match=r"no space left.*last.pth is intact.*best.pth is intact too"):
+    with pytest.raises(
+        UserError, match=r"no space left.*last.pth is intact.*best.pth is intact too"
+    ):
         train(resume_config(run, ["train.epochs=2"]), run)
     monkeypatch.setattr(torch, "save", real)
     assert torch.load(run / "model" / "last.pth", weights_only=True)["epoch"] == 1
@@ -156,16 +193,23 @@ def test_disk_full_in_training_names_the_intact_checkpoint(tmp_path, tiny_train_
 
 def test_path_as_given_or_relative_to_outputs_as_the_authors(tmp_path, monkeypatch):
     from runs.folder import find_run
+
     monkeypatch.chdir(tmp_path)
     (tmp_path / "outputs" / "2024-05-10" / "22-31-19").mkdir(parents=True)
-    assert find_run("2024-05-10/22-31-19").path.resolve() == (tmp_path / "outputs/2024-05-10/22-31-19").resolve()
+    assert (
+        find_run("2024-05-10/22-31-19").path.resolve()
+        == (tmp_path / "outputs/2024-05-10/22-31-19").resolve()
+    )
     assert find_run(tmp_path / "outputs" / "2024-05-10").path == tmp_path / "outputs" / "2024-05-10"
-    with pytest.raises(UserError, match=r"run folder 2024-05-11 does not exist \(nor outputs/2024-05-11\)"):
+    with pytest.raises(
+        UserError, match=r"run folder 2024-05-11 does not exist \(nor outputs/2024-05-11\)"
+    ):
         find_run("2024-05-11")
 
 
 def test_demo_data_is_never_written_over_a_users_folder(tmp_path):
     from data.demo import generate
+
     user = user_folder(tmp_path / "thesis")
     with pytest.raises(UserError, match="is not empty and holds no demo dataset"):
         generate(user, n_photo=2, n_sketch=2)
@@ -185,11 +229,13 @@ def test_a_marker_that_is_a_link_is_refused_and_its_target_untouched(tmp_path):
 def test_sigterm_while_a_run_is_set_up_leaves_nothing(tmp_path, tiny_train_cfg, monkeypatch):
     import signal
     from pipeline import train as pipeline_train
+
     real = pipeline_train.build_optimizer
 
     def killed_during_setup(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)
         return real(*a, **k)
+
     monkeypatch.setattr(pipeline_train, "build_optimizer", killed_during_setup)
     with pytest.raises(SystemExit) as stop:
         train(tiny_train_cfg(), tmp_path / "run")
@@ -202,7 +248,9 @@ def test_resume_ignores_group_choices_and_names_a_broken_config(tmp_path, tiny_t
     cfg = resume_config(run, ["model=tiny", "dataset=demo", "train.epochs=2"])
     assert cfg.model.backbone == "ma-tiny" and cfg.train.epochs == 2
     (run / "config.yaml").write_text("garbage: [")
-    with pytest.raises(UserError, match=r"config.yaml does not parse .*Restore it from .hydra/config.yaml"):
+    with pytest.raises(
+        UserError, match=r"config.yaml does not parse .*Restore it from .hydra/config.yaml"
+    ):
         resume_config(run, [])
 
 
@@ -211,7 +259,11 @@ def test_run_or_sweep_folder_on_a_users_files_is_refused_before_hydra_writes(tmp
     afile = tmp_path / "afile"
     afile.write_text("keep")
     r = train_cli(*TINY, f"hydra.run.dir={afile}")
-    assert r.returncode == 1 and "is a file; choose a folder" in r.stderr and "Traceback" not in r.stderr
+    assert (
+        r.returncode == 1
+        and "is a file; choose a folder" in r.stderr
+        and "Traceback" not in r.stderr
+    )
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     (sweep / "multirun.yaml").write_text("mine")
@@ -236,9 +288,12 @@ def test_a_sweep_whose_first_job_fails_to_start_leaves_nothing(tmp_path, monkeyp
 
 
 def test_a_split_that_a_demo_or_folder_dataset_does_not_use_is_refused(tmp_path, tiny_train_cfg):
-    with pytest.raises(UserError, match=r"dataset.split=sketchy_99 is not used by dataset 'demo': "
-                                        r"its unseen classes are .*unseen.txt, and it is no split "
-                                        r"of another dataset \(\[.*'sketchy_21'"):
+    with pytest.raises(
+        UserError,
+        match=r"dataset.split=sketchy_99 is not used by dataset 'demo': "
+        r"its unseen classes are .*unseen.txt, and it is no split "
+        r"of another dataset \(\[.*'sketchy_21'",
+    ):
         train(tiny_train_cfg("dataset.split=sketchy_99"), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
@@ -246,13 +301,18 @@ def test_a_split_that_a_demo_or_folder_dataset_does_not_use_is_refused(tmp_path,
 def test_infer_never_generates_a_demo_at_a_mistyped_root(tmp_path, demo_root):
     from pipeline.infer import test_dataset_config
     from tests.conftest import compose_cfg
-    trained = compose_cfg("config-train", ["model=tiny", "dataset=demo",
-                                           f"dataset.root={demo_root}"])
+
+    trained = compose_cfg(
+        "config-train", ["model=tiny", "dataset=demo", f"dataset.root={demo_root}"]
+    )
     typo = tmp_path / "dmeo"
     cfg = compose_cfg("config-infer", ["path=x", f"dataset.root={typo}"])
-    with pytest.raises(UserError, match=rf"dataset.root={typo} holds no demo dataset "
-                                        r"\(no demo.json\); "
-                                        r"infer never generates data"):
+    with pytest.raises(
+        UserError,
+        match=rf"dataset.root={typo} holds no demo dataset "
+        r"\(no demo.json\); "
+        r"infer never generates data",
+    ):
         test_dataset_config(trained, cfg)
     assert not typo.exists()
     ok = test_dataset_config(trained, compose_cfg("config-infer", ["path=x"]))
@@ -261,8 +321,13 @@ def test_infer_never_generates_a_demo_at_a_mistyped_root(tmp_path, demo_root):
 
 def test_infer_with_model_n_mode_is_one_line(tmp_path):
     infer = str(REPO / "infer.py")
-    r = subprocess.run([sys.executable, infer, f"path={tmp_path}", "model.n_mode=5"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, infer, f"path={tmp_path}", "model.n_mode=5"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "model.n_mode=5 is a training setting: infer takes it from the" in r.stderr
     assert not (tmp_path / "infer_output").exists()

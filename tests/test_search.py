@@ -1,5 +1,6 @@
 """Gallery index and search: results against brute force, incremental updates, resume, rebuild on a
 new checkpoint, the lock, HNSW, and each bad input of search.py."""
+
 import fcntl
 import os
 import re
@@ -30,7 +31,9 @@ def gallery(tmp_path, demo_root):
 
 
 class Counting(torch.nn.Module):
-    """Wraps a model and counts the images it embeds; raises KeyboardInterrupt after `stop_after` batches."""
+    """Wraps a model and counts the images it embeds; raises KeyboardInterrupt after `stop_after`
+    batches."""
+
     def __init__(self, model, stop_after=None):
         super().__init__()
         self.model, self.images, self.batches, self.stop_after = model, 0, 0, stop_after
@@ -45,15 +48,35 @@ class Counting(torch.nn.Module):
 
 def index(searcher, folder, stop_after=None, batch_size=4, checkpoint=None):
     model = Counting(searcher.model, stop_after)
-    g = update_index(model, searcher.transform, searcher.device, folder, searcher.gallery.root,
-                     checkpoint or searcher.checkpoint, batch_size, 0, "fp32", save_every_s=0, progress=False)
+    g = update_index(
+        model,
+        searcher.transform,
+        searcher.device,
+        folder,
+        searcher.gallery.root,
+        checkpoint or searcher.checkpoint,
+        batch_size,
+        0,
+        "fp32",
+        save_every_s=0,
+        progress=False,
+    )
     return g, model.images
 
 
 def test_photo_query_finds_itself_and_ranking_is_brute_force(run, gallery, tmp_path, capsys):
     photo = gallery / "kite" / sorted(os.listdir(gallery / "kite"))[2]
-    hits = search(search_cfg(run, gallery, f"query={photo}", "query_modality=photo", "query_mode=original",
-                             "k=5", f"out={tmp_path / 'out'}"))
+    hits = search(
+        search_cfg(
+            run,
+            gallery,
+            f"query={photo}",
+            "query_modality=photo",
+            "query_mode=original",
+            "k=5",
+            f"out={tmp_path / 'out'}",
+        )
+    )
     assert hits[0].path == "kite/" + photo.name and hits[0].score == pytest.approx(1.0, abs=1e-5)
     g = load_index(index_folder(run, gallery), gallery)
     q = g.vectors[g.paths.index(hits[0].path)]
@@ -76,12 +99,16 @@ def test_text_and_converted_queries(run, gallery):
     sketch = Image.new("RGB", (64, 64), "white")
     sketch.paste((0, 0, 0), (10, 10, 50, 14))
     z = {m: s.embed_image(sketch, "sketch", m) for m in ("original", "converted")}
-    expected = s.model.convert(torch.from_numpy(z["original"])[None], torch.tensor([1]))[0, 0]  # sketch -> photo
+    expected = s.model.convert(torch.from_numpy(z["original"])[None], torch.tensor([1]))[
+        0, 0
+    ]  # sketch -> photo
     np.testing.assert_allclose(z["converted"], expected.detach().numpy(), atol=1e-5)
     assert not np.allclose(z["converted"], z["original"], atol=1e-3)
 
 
-def test_index_updates_only_new_and_changed_files_and_drops_deleted(run, gallery, tmp_path, demo_root):
+def test_index_updates_only_new_and_changed_files_and_drops_deleted(
+    run, gallery, tmp_path, demo_root
+):
     s = Searcher(search_cfg(run, gallery), progress=False)
     folder = tmp_path / "idx"
     g0, n = index(s, folder)
@@ -199,15 +226,21 @@ def test_bad_input_gets_one_clear_message(case, run, gallery, tmp_path):
         search(search_cfg(path, folder, *args))
 
 
-def test_read_only_run_folder_puts_the_index_in_the_cache(run, gallery, tmp_path, monkeypatch, caplog):
+def test_read_only_run_folder_puts_the_index_in_the_cache(
+    run, gallery, tmp_path, monkeypatch, caplog
+):
     import gallery.index as gallery_module
+
     monkeypatch.setattr(gallery_module, "_writable", lambda folder: False)  # root ignores chmod
     monkeypatch.setattr(gallery_module.log, "propagate", True)
     monkeypatch.setattr(gallery_module.log, "disabled", False)
     s = Searcher(search_cfg(run, gallery, f"index.cache_dir={tmp_path / 'cache'}"), progress=False)
     assert s.gallery.folder.is_relative_to(tmp_path / "cache")
     assert (s.gallery.folder / INDEX_FILE).is_file()
-    assert f"is read-only: the index of {gallery.resolve()} is stored in {s.gallery.folder}" in caplog.text
+    assert (
+        f"is read-only: the index of {gallery.resolve()} is stored in {s.gallery.folder}"
+        in caplog.text
+    )
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders anyway")
@@ -216,7 +249,9 @@ def test_read_only_run_folder_for_real(run, gallery, tmp_path):
     shutil.copytree(run, ro)
     os.chmod(ro, 0o555)
     try:
-        s = Searcher(search_cfg(ro, gallery, f"index.cache_dir={tmp_path / 'cache'}"), progress=False)
+        s = Searcher(
+            search_cfg(ro, gallery, f"index.cache_dir={tmp_path / 'cache'}"), progress=False
+        )
         assert s.gallery.folder.is_relative_to(tmp_path / "cache")
     finally:
         os.chmod(ro, 0o755)
@@ -227,14 +262,34 @@ def test_query_image_with_transparency_is_flattened_on_white(tmp_path):
     im.putpixel((1, 1), (0, 0, 0, 255))
     im.save(tmp_path / "s.png")
     rgb = load_query_image(tmp_path / "s.png")
-    assert rgb.mode == "RGB" and rgb.getpixel((0, 0)) == (255, 255, 255) and rgb.getpixel((1, 1)) == (0, 0, 0)
+    assert (
+        rgb.mode == "RGB"
+        and rgb.getpixel((0, 0)) == (255, 255, 255)
+        and rgb.getpixel((1, 1)) == (0, 0, 0)
+    )
 
 
 @pytest.mark.slow
 def test_cli_reports_bad_query_and_exits_1(run, gallery, tmp_path):
     (tmp_path / "q.jpg").write_text("text, not pixels")
-    proc = subprocess.run([sys.executable, "search.py", f"path={run}", f"gallery={gallery}",
-                           f"query={tmp_path / 'q.jpg'}", "device=cpu", "num_workers=0"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "search.py",
+            f"path={run}",
+            f"gallery={gallery}",
+            f"query={tmp_path / 'q.jpg'}",
+            "device=cpu",
+            "num_workers=0",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: query file {tmp_path / 'q.jpg'} is not an image")
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: query file {tmp_path / 'q.jpg'} is not an image")
+    )
