@@ -1,8 +1,11 @@
 """Image dataset and loaders: decoding and transforms run in worker processes, prompts are
 tokenised once per distinct prompt, and each sample carries the id of its prompt."""
 
+import atexit
+import multiprocessing
 import os
 import signal
+import threading
 import warnings
 
 import torch
@@ -123,6 +126,24 @@ def ignore_stop_signals(worker_id=None):
     parent: torch stops them at shutdown and they watch it die."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _kill_workers_at_exit():
+    """At exit, end the loader workers still alive with SIGKILL. They ignore SIGTERM (above), and
+    SIGTERM is what multiprocessing's own exit clean-up sends before it waits for them: a trainer
+    leaving on an error, its loader iterator still referenced by the traceback, would wait forever.
+    Registered after multiprocessing's clean-up, so it runs before it."""
+    workers = [child for child in multiprocessing.active_children() if child.daemon]
+    if not workers:
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler: "worker killed" errors
+    for child in workers:
+        child.kill()
+        child.join(timeout=5)
+
+
+atexit.register(_kill_workers_at_exit)
 
 
 def make_loader(dataset, batch_size, num_workers, shuffle, seed=0, drop_last=False, sampler=None):

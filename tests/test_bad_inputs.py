@@ -129,7 +129,10 @@ def test_a_loader_worker_error_is_one_line(tmp_path, demo_root):
     errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and f"cannot read image {bad}" in errors[0]
     assert "Traceback" not in p.stderr and "Caught" not in p.stderr
-    assert not (tmp_path / "run").exists()
+    # two steps were trained before the bad image: the folder keeps their train.log (issue 24,
+    # a failed run that logged work is never removed), and no checkpoint claims more
+    assert (tmp_path / "run" / "train.log").is_file()
+    assert not (tmp_path / "run" / "model" / "last.pth").exists()
 
 
 def splits_with(val_classes, val_rows):
