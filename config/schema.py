@@ -135,6 +135,11 @@ class TrainSection:
     on_nonfinite: str = setting("stop", one_of("stop", "skip"))
     gather_with_grad: bool = setting(True, boolean())
     compile: bool = setting(False, boolean())
+    # fine-grained training (docs/training.md): weight of the instance triplet loss (0: off)
+    fg_ratio: float = setting(0.0, number(0))
+    fg_margin: float = setting(0.3, number(0, 2, lo_open=True))  # on 1 - cos
+    fg_shuffle_ratio: float = setting(0.0, number(0))  # the 2x2 patch-shuffle triplet's weight
+    fg_classes_per_batch: int = setting(1, integer(1, 100_000))  # classes a batch holds
     gradient_accumulation_steps: Optional[int] = alias()  # = accum_steps
     log_every_step: Optional[int] = alias()  # = log_every
     eval_every_epoch: Optional[int] = alias()  # = eval_every
@@ -232,6 +237,8 @@ class EvalSection:
         ["default"], anything, factory=True
     )  # default | hits_over_k | noninterp
     generalized: bool = setting(False, boolean())  # rank seen-class photos too
+    # instance-level Acc@k of sketches paired with their photo: null = when index.csv has pairs
+    fine_grained: Optional[bool] = setting(None, boolean(optional=True))
     topk: int = setting(10, integer(1, 10_000))
     report: Report = field(default_factory=Report)
 

@@ -2,7 +2,9 @@
 
 Prints, per split, the classes and image counts per modality, then every problem found: missing
 class folders (a class with photos but no sketches or the reverse), empty classes, unreadable
-images, unexpected file extensions, paths leaving the root. Exit code 1 when there are errors.
+images, unexpected file extensions, paths leaving the root; and the fine-grained pairs (a sketch
+`<photo stem>-<n>` drawn from a photo `<photo stem>`): how many, and the sketches whose photo is
+missing or in another class. Exit code 1 when there are errors.
 `check.decode=false` skips decoding every image (the cheap part, which training runs first).
 """
 
@@ -27,6 +29,7 @@ class Report:
     errors: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
     counts: dict = field(default_factory=dict)  # split -> class -> [photos, sketches]
+    pairs: list = field(default_factory=list)  # one line a dataset with fine-grained pairs
 
 
 def count(rows):
@@ -56,6 +59,27 @@ def structure_problems(index, report):
         report.warnings.append(
             f"{index.name}: unexpected file {index.root / path} (not an image; ignored)"
         )
+    pair_problems(index, report)
+
+
+def pair_problems(index, report, show=20):
+    """Fine-grained pairs found, and the sketches whose photo is missing or in another class
+    (left out of fine-grained retrieval), the first `show` of each listed."""
+    pairs = index.pairs
+    if pairs is None or not (pairs.pairs or pairs.missing or pairs.other_class):
+        return
+    report.pairs.append(pairs.line(index.name))
+    for what, paths in (
+        ("is named for a photo that is missing", pairs.missing),
+        ("is named for a photo of another class", pairs.other_class),
+    ):
+        for path in paths[:show]:
+            report.warnings.append(
+                f"{index.name}: sketch {index.root / path} {what} (left out of fine-grained "
+                f"retrieval)"
+            )
+        if len(paths) > show:
+            report.warnings.append(f"{index.name}: ... and {len(paths) - show} more such sketches")
 
 
 def check_structure(splits):
@@ -135,6 +159,7 @@ def format_report(report):
         lines.append(f"{split}: {len(table)} classes, {photos} photos, {sketches} sketches")
         for cls, (p, s) in sorted(table.items()):
             lines.append(f"  {cls:<28} {p:>7} photos {s:>7} sketches")
+    lines += report.pairs
     for w in report.warnings:
         lines.append(f"warning: {w}")
     for e in report.errors:

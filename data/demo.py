@@ -3,7 +3,9 @@
 Generated deterministically on first use into an ignored cache folder, in the `folder` layout
 (<root>/photo/<class>/*.jpg, <root>/sketch/<class>/*.png, <root>/unseen.txt), so it goes
 through the same loader path as real data. Photos are filled, coloured, textured objects on
-cluttered backgrounds; sketches are thin, wobbly, sometimes incomplete outlines on white.
+cluttered backgrounds; sketches are thin, wobbly, sometimes incomplete outlines on white. Half
+of a class's sketches are drawn from given photos (same shape, pose, position and scale), named
+`<photo stem>-1.png`: the fine-grained pairs (data/pairs.py).
 """
 
 import argparse
@@ -19,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from runtime.errors import UserError, run_cli
 
-VERSION = 1
+VERSION = 2  # 2: half the sketches drawn from given photos (fine-grained pairs)
 SIZE = 64
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / ".cache" / "demo"
 UNSEEN = ["kite", "sun", "bottle", "leaf", "tent", "cross"]
@@ -212,15 +214,25 @@ SHAPES = {
 }
 
 
-def _transform(polys, rng, size, scale_range):
-    scale = rng.uniform(*scale_range) * size / 2
+def _pose(rng, scale_range):
+    """A random placement: (scale in units of half the image, angle, shift x, shift y, stretch)."""
+    scale = rng.uniform(*scale_range)
     angle = rng.uniform(-0.35, 0.35)
-    dx, dy = rng.uniform(-0.12, 0.12, size=2) * size
+    dx, dy = rng.uniform(-0.12, 0.12, size=2)
+    return scale, angle, dx, dy, rng.uniform(0.85, 1.15)
+
+
+def _place(polys, pose, size):
+    unit, angle, dx, dy, stretch = pose
+    scale = unit * size / 2
     c, s = math.cos(angle), math.sin(angle)
-    sx = scale * rng.uniform(0.85, 1.15)
+    sx = scale * stretch
     return [
         [
-            (size / 2 + dx + sx * (c * x - s * y), size / 2 + dy + scale * (s * x + c * y))
+            (
+                size / 2 + dx * size + sx * (c * x - s * y),
+                size / 2 + dy * size + scale * (s * x + c * y),
+            )
             for x, y in poly
         ]
         for poly in polys
@@ -231,7 +243,8 @@ def _random_color(rng, lo=0, hi=255):
     return tuple(int(v) for v in rng.integers(lo, hi, size=3))
 
 
-def draw_photo(cls, rng, size=SIZE):
+def draw_photo(cls, rng, size=SIZE, with_pose=False):
+    """A photo of `cls`; with_pose: (photo, the object's pose) for sketches drawn from it."""
     big = size * 2
     top, bottom = _random_color(rng), _random_color(rng)
     grad = np.linspace(0, 1, big)[:, None, None]
@@ -244,7 +257,8 @@ def draw_photo(cls, rng, size=SIZE):
         w, h = rng.uniform(4, big / 4, size=2)
         box = [x - w, y - h, x + w, y + h]
         (d.ellipse if rng.random() < 0.5 else d.rectangle)(box, fill=_random_color(rng))
-    polys = _transform(SHAPES[cls], rng, big, (0.6, 0.85))
+    pose = _pose(rng, (0.6, 0.85))
+    polys = _place(SHAPES[cls], pose, big)
     fill, texture = _random_color(rng), _random_color(rng)
     mask = Image.new("L", (big, big), 0)
     md = ImageDraw.Draw(mask)
@@ -261,8 +275,8 @@ def draw_photo(cls, rng, size=SIZE):
             for xx in range(0, big, period):
                 od.ellipse([xx, yy, xx + 3, yy + 3], fill=texture)
     img.paste(obj, (0, 0), mask)
-    img = img.filter(ImageFilter.GaussianBlur(0.6))
-    return img.resize((size, size), Image.BILINEAR)
+    img = img.filter(ImageFilter.GaussianBlur(0.6)).resize((size, size), Image.BILINEAR)
+    return (img, pose) if with_pose else img
 
 
 def _wobble(poly, rng, amp):
@@ -277,11 +291,13 @@ def _wobble(poly, rng, amp):
     return res + noise + rng.normal(0, amp * 0.3, size=res.shape)
 
 
-def draw_sketch(cls, rng, size=SIZE):
+def draw_sketch(cls, rng, size=SIZE, pose=None):
+    """A sketch of `cls`; given a photo's pose, drawn from that photo: the same shape, position,
+    scale and angle, with a wobbly, sometimes incomplete outline of its own."""
     big = size * 2
     img = Image.new("L", (big, big), 255)
     d = ImageDraw.Draw(img)
-    polys = _transform(SHAPES[cls], rng, big, (0.55, 0.9))
+    polys = _place(SHAPES[cls], pose if pose is not None else _pose(rng, (0.55, 0.9)), big)
     width = int(rng.integers(2, 4))
     for poly in polys:
         pts = _wobble(poly, rng, amp=0.6)
@@ -303,6 +319,7 @@ def generate(root=DEFAULT_ROOT, n_photo=40, n_sketch=40, seed=0):
         version=VERSION,
         n_photo=n_photo,
         n_sketch=n_sketch,
+        n_paired=paired_count(n_photo, n_sketch),
         seed=seed,
         size=SIZE,
         classes=sorted(SHAPES),
@@ -330,17 +347,29 @@ def generate(root=DEFAULT_ROOT, n_photo=40, n_sketch=40, seed=0):
     return root
 
 
+def paired_count(n_photo, n_sketch):
+    """How many of a class's sketches are drawn from its photos (one each, the first photos)."""
+    return min(n_photo, n_sketch // 2)
+
+
 def draw_all(tmp, n_photo, n_sketch, seed, meta):
+    """Per class: photos <cls>_<i>.jpg; sketches <cls>_<i>-1.png drawn from photo i (the
+    fine-grained pairs, data/pairs.py), then free sketches <cls>_free_<j>.png."""
+    n_paired = paired_count(n_photo, n_sketch)
     for k, cls in enumerate(sorted(SHAPES)):
         rng = np.random.default_rng([seed, k])
-        for sub, n, draw, ext in (
-            ("photo", n_photo, draw_photo, "jpg"),
-            ("sketch", n_sketch, draw_sketch, "png"),
-        ):
-            folder = tmp / sub / cls
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                draw(cls, rng).save(folder / f"{cls}_{i:03d}.{ext}", quality=92)
+        photos, sketches = tmp / "photo" / cls, tmp / "sketch" / cls
+        photos.mkdir(parents=True, exist_ok=True)
+        sketches.mkdir(parents=True, exist_ok=True)
+        poses = []
+        for i in range(n_photo):
+            img, pose = draw_photo(cls, rng, with_pose=True)
+            img.save(photos / f"{cls}_{i:03d}.jpg", quality=92)
+            poses.append(pose)
+        for i in range(n_paired):
+            draw_sketch(cls, rng, pose=poses[i]).save(sketches / f"{cls}_{i:03d}-1.png")
+        for j in range(n_sketch - n_paired):
+            draw_sketch(cls, rng).save(sketches / f"{cls}_free_{j:03d}.png")
     (tmp / "unseen.txt").write_text("".join(c + "\n" for c in UNSEEN))
     (tmp / "demo.json").write_text(json.dumps(meta))
 

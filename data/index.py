@@ -21,6 +21,7 @@ from data.layouts import (
     split_file,
 )
 from data.loader import unreadable
+from data.pairs import add_pairs
 from runtime.errors import UserError
 from runtime.logs import log
 from config.schema import dataset_defaults
@@ -36,6 +37,7 @@ class DatasetIndex:
     seen: list  # seen class names, label order
     unseen: list  # unseen (test) class names, label order
     skipped: list  # files ignored while scanning (unexpected extensions)
+    pairs: object = None  # data.pairs.PairReport: which sketch was drawn from which photo
 
     def rows_of(self, classes):
         keep = set(classes)
@@ -78,7 +80,8 @@ def build_index(idx, dcfg):
                 for p in scan.images[key][mode]
             ]
     seen = [spelling[k] for k in seen_keys]
-    return DatasetIndex(name, root, rows, seen, unseen, scan.skipped)
+    pairs = add_pairs(rows, name)
+    return DatasetIndex(name, root, rows, seen, unseen, scan.skipped, pairs)
 
 
 def _index_from_csv(name, root, csv_cfg, skip_missing):
@@ -94,7 +97,9 @@ def _index_from_csv(name, root, csv_cfg, skip_missing):
             f"classes {overlap} appear in both {csv_cfg['train']} and "
             f"{csv_cfg['test']}: a zero-shot test class must never be trained on."
         )
-    return DatasetIndex(name, root, train + test, seen, unseen, missing + missing_train)
+    rows = train + test
+    pairs = add_pairs(rows, name)
+    return DatasetIndex(name, root, rows, seen, unseen, missing + missing_train, pairs)
 
 
 def drop_unreadable(rows, what, max_pixels):

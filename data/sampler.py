@@ -25,3 +25,50 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return len(self.base) - self.start
+
+
+class ClassBatchSampler(torch.utils.data.Sampler):
+    """The order of fine-grained training (train.fg_ratio > 0): batches that hold a few classes
+    each (train.fg_classes_per_batch), several photos of each with the sketches drawn from them,
+    so that every sketch meets its own photo and other photos of its class (the triplet's
+    negatives). Per epoch and seed: each class's groups (a photo and its sketches; a row of no
+    pair alone) shuffled and cut into blocks of batch_size / classes_per_batch images, the blocks
+    shuffled. Ranks take whole batches in turn; resumable mid-epoch like ResumableSampler."""
+
+    def __init__(self, classes, instance, batch_size, classes_per_batch, seed, rank=0, world=1):
+        self.batch_size, self.seed, self.rank, self.world = int(batch_size), int(seed), rank, world
+        self.block = max(1, -(-self.batch_size // int(classes_per_batch)))
+        self.groups = {}  # class -> list of row-index groups
+        by_instance = {}
+        for i, (cls, inst) in enumerate(zip(classes, instance)):
+            if inst < 0:
+                self.groups.setdefault(cls, []).append([i])
+            else:
+                by_instance.setdefault((cls, inst), []).append(i)
+        for (cls, _), rows in by_instance.items():
+            self.groups.setdefault(cls, []).append(rows)
+        self.n = len(classes)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
+
+    def epoch_order(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        blocks = []
+        for cls in sorted(self.groups):
+            groups = self.groups[cls]
+            flat = [i for k in torch.randperm(len(groups), generator=g).tolist() for i in groups[k]]
+            blocks += [flat[s : s + self.block] for s in range(0, len(flat), self.block)]
+        order = [i for k in torch.randperm(len(blocks), generator=g).tolist() for i in blocks[k]]
+        batches = [order[s : s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        if self.world > 1:  # every rank the same number of whole batches (drop_last)
+            batches = [b for b in batches if len(b) == self.batch_size]
+            batches = batches[: len(batches) // self.world * self.world]
+        return [i for b in batches[self.rank :: self.world] for i in b]
+
+    def __iter__(self):
+        return itertools.islice(iter(self.epoch_order()), self.start, None)
+
+    def __len__(self):
+        return len(self.epoch_order()) - self.start

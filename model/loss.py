@@ -4,6 +4,8 @@ discriminator and orthogonality terms, ratio-normalised."""
 import torch
 import torch.nn.functional as F
 
+from model.instance_loss import instance_triplet, patch_shuffle_triplet, triplets
+
 LOSS_NAMES = ("clip", "sem", "rec", "disc", "orth")
 
 
@@ -17,17 +19,21 @@ class ModalityAwareLoss:
     the ratios (name -> r; a loss whose ratio is 0 is not computed) and the gather of all ranks'
     features for the contrastive term (None on one process)."""
 
-    def __init__(self, ratios, gather=None):
+    def __init__(self, ratios, gather=None, fg_ratio=0.0, fg_margin=0.3, fg_shuffle_ratio=0.0):
         self.ratios = {
             k: float(ratios.get(k, 0)) for k in LOSS_NAMES if float(ratios.get(k, 0)) > 0
         }
         if not self.ratios:
             raise ValueError("every loss ratio is 0: set at least one model.*_loss_ratio > 0.")
         self.gather = gather
+        self.fg_ratio, self.fg_margin = float(fg_ratio), float(fg_margin)
+        self.fg_shuffle_ratio = float(fg_shuffle_ratio)
 
-    def __call__(self, model, z_img, z_txt, image_mode, text_mode):
+    def __call__(self, model, z_img, z_txt, image_mode, text_mode, fg=None):
         """(total, losses) of L2-normalised z_img, z_txt [B, d] whose rows have the modes image_mode
-        (0 photo, 1 sketch) and text_mode (3 text): index.csv's m1 and m2."""
+        (0 photo, 1 sketch) and text_mode (3 text): index.csv's m1 and m2. fg (fine-grained
+        training): dict(instance=, labels=, images=) of the batch; the instance losses are added
+        to the ratio-normalised total with weights train.fg_ratio and train.fg_shuffle_ratio."""
         active, m, losses = self.ratios, model.modes.weight, {}
         e_s = F.normalize((z_txt + z_img) / 2, dim=-1)
         if "clip" in active:
@@ -53,6 +59,18 @@ class ModalityAwareLoss:
         if "orth" in active:
             losses["orth"] = (e_s[:, None, :] * m[None]).abs().sum(-1).mean()
         total = sum(active[k] * losses[k] for k in active) / sum(active.values())
+        if fg is not None and (self.fg_ratio > 0 or self.fg_shuffle_ratio > 0):
+            anchors, positives, negatives = triplets(fg["instance"], fg["labels"], image_mode)
+            if self.fg_ratio > 0:
+                losses["fg"] = instance_triplet(
+                    z_img, anchors, positives, negatives, self.fg_margin
+                )
+                total = total + self.fg_ratio * losses["fg"]
+            if self.fg_shuffle_ratio > 0:
+                losses["fg_shuffle"] = patch_shuffle_triplet(
+                    model.encode_image, fg["images"], anchors, positives, self.fg_margin
+                )
+                total = total + self.fg_shuffle_ratio * losses["fg_shuffle"]
         return total, losses
 
     def contrastive(self, scale, z_img, z_txt):

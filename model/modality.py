@@ -42,13 +42,16 @@ class ModalityAwareCLIP(nn.Module):
         m = self.modes.weight
         return F.normalize((z - m[mode])[:, None, :] + m[None], dim=-1)
 
-    def forward(self, images, tokens, prompt_id, image_mode, text_mode, loss):
+    def forward(self, images, tokens, prompt_id, image_mode, text_mode, loss, fg=None):
         """Encode a batch (each distinct prompt once) and return loss(...): (total, losses).
-        image_mode / text_mode: each row's mode ids (index.csv's m1 / m2)."""
+        image_mode / text_mode: each row's mode ids (index.csv's m1 / m2); fg: the batch's
+        instance ids and labels for the fine-grained losses (model/instance_loss.py)."""
         unique, inverse = torch.unique(prompt_id, return_inverse=True)
         z_img = self.encode_image(images)
         z_txt = self.encode_text(tokens[unique])[inverse]
-        return loss(self, z_img, z_txt, image_mode, text_mode)
+        if fg is None:
+            return loss(self, z_img, z_txt, image_mode, text_mode)
+        return loss(self, z_img, z_txt, image_mode, text_mode, fg=dict(fg, images=images))
 
 
 def _older_scale_name(module, state, prefix, *args):

@@ -12,7 +12,9 @@ from omegaconf import OmegaConf
 
 from data.layouts import PHOTO, SKETCH, output_key
 from data.index import check_zero_shot
+from data.pairs import NAMING_RULE
 from metrics.engine import per_class, retrieval_metrics, summarize
+from metrics.fine_grained import fine_grained
 from metrics.report import write_report
 from runtime.io import load_torch, save_json
 from config.entry import prepare
@@ -225,6 +227,9 @@ def evaluate(cfg, given=()):
     out["top10_retrieved"] = {
         qp: {k: g_paths[tops[k][i]].tolist() for k in QUERY_KINDS} for i, qp in enumerate(q_paths)
     }
+    fg = fine_grained_result(rows, split, queries, img, ecfg, device, folder)
+    if fg is not None:
+        out["fine_grained"] = fg
     out.update(record)
     undefined = [
         k for k in ("mAP@all", "mAP@200", "p@100", "p@200") if not all(map(math.isfinite, out[k]))
@@ -243,6 +248,60 @@ def evaluate(cfg, given=()):
         if report:
             print(f"visual report: {report}")
     return out
+
+
+def fine_grained_result(rows, split, queries, img, ecfg, device, folder):
+    """The "fine_grained" block of eval_result.json (metrics/fine_grained.py) when index.csv pairs
+    test sketches with the photos they were drawn from; None when it has no pairs (and
+    eval.fine_grained is not true) or eval.fine_grained=false."""
+    if ecfg.fine_grained is False:
+        return None
+    m1 = np.array([r["m1"] for r in rows])
+    test = split == "test"
+    sketch_rows = np.flatnonzero((m1 != PHOTO) & test)
+    own = [rows[i].get("photo") or "" for i in sketch_rows]
+    if not any(own):
+        if ecfg.fine_grained:
+            raise UserError(
+                f"eval.fine_grained=true, but {folder.index} pairs no test sketch with a photo "
+                f"({NAMING_RULE}; index.csv written before pairs existed has no photo column: "
+                f"re-run infer.py). Leave eval.fine_grained unset to skip it."
+            )
+        return None
+    paths = [r["img_path"] for r in rows]
+    photo_rows = np.flatnonzero((m1 == PHOTO) & test)
+    where = {paths[i]: i for i in photo_rows}
+    kept = [(i, where[p]) for i, p in zip(sketch_rows, own) if p in where]
+    unmatched = sorted(
+        rows[i]["img_path"] for i, p in zip(sketch_rows, own) if p and p not in where
+    )
+    # the gallery: every photo some test sketch was drawn from (Sketchy's basic set), once
+    gallery_rows = sorted({j for _, j in kept})
+    g_pos = {j: k for k, j in enumerate(gallery_rows)}
+    q_of = {i: k for k, i in enumerate(np.flatnonzero((m1 != PHOTO) & test))}
+    pick = np.array([q_of[i] for i, _ in kept])
+    classes = np.array([Path(p).parent.name for p in paths])
+    result = fine_grained(
+        {k: v[pick] for k, v in queries.items()},
+        img[gallery_rows],
+        [g_pos[j] for _, j in kept],
+        classes[[i for i, _ in kept]],
+        classes[gallery_rows],
+        chunk_size=int(ecfg.chunk_size),
+        device=device,
+    )
+    summary = result["summary"]
+    summary["skipped_sketches"] = len(unmatched)
+    if unmatched:
+        log.warning(
+            f"fine-grained: {len(unmatched)} sketch(es) name a photo that is not in the test "
+            f"split (e.g. {unmatched[0]}); left out"
+        )
+    ranks = result["ranks"]["class"]
+    summary["own_photo_rank"] = {
+        paths[i]: [int(ranks[k][n]) for k in queries] for n, (i, _) in enumerate(kept)
+    }
+    return summary
 
 
 def make_report(folder, result, rows, rcfg):
@@ -294,5 +353,16 @@ def format_table(out, path):
     lines.append(
         f"chance mAP (mean fraction of relevant photos per query): {out['chance_mAP']:.4f}"
     )
+    fg = out.get("fine_grained")
+    if fg:
+        for block in (fg, fg["unseen"]):
+            accs = "  ".join(
+                f"{k} {block[k][0]:.4f} / {block[k][1]:.4f}" for k in ("acc@1", "acc@5", "acc@10")
+            )
+            lines.append(
+                f"fine-grained, {block['gallery']} gallery (original / converted): {accs}; "
+                f"chance acc@1 {block['chance_acc@1']:.4f}"
+            )
+        lines.append(f"fine-grained: {fg['n_queries']} sketches paired with their photo")
     lines.append(f"{out['n_queries']} sketch queries, {out['n_gallery']} photos; results in {path}")
     return "\n".join(lines)

@@ -20,7 +20,7 @@ from runtime.errors import UserError
 from runtime.logs import log, setup_logging
 from config.schema import dataset_defaults
 
-INDEX_COLUMNS = COLUMNS + ["split"]
+INDEX_COLUMNS = COLUMNS + ["photo", "split"]  # photo: a sketch's own photo (data/pairs.py)
 
 
 def test_dataset_config(train_cfg, cfg):

@@ -14,7 +14,8 @@ from data.check import check_before_training
 from data.index import make_splits
 from data.cached import image_dataset
 from data.loader import PromptTable, collate, ignore_stop_signals, model_input
-from data.sampler import ResumableSampler
+from data.pairs import NAMING_RULE
+from data.sampler import ClassBatchSampler, ResumableSampler
 from model.backbone import build_model, loss_ratios
 from model.loss import ModalityAwareLoss
 from model.checkpoint import (
@@ -150,9 +151,25 @@ class Trainer:
             int(cfg.dataset.max_image_pixels),
             seed=int(cfg.seed),
         )
-        self.sampler = ResumableSampler(
-            self.dataset, int(cfg.seed), info.rank, info.world_size, shuffle=bool(cfg.train.shuffle)
-        )
+        self.instance = self.fine_grained_instances()
+        if self.instance is None:
+            self.sampler = ResumableSampler(
+                self.dataset,
+                int(cfg.seed),
+                info.rank,
+                info.world_size,
+                shuffle=bool(cfg.train.shuffle),
+            )
+        else:
+            self.sampler = ClassBatchSampler(
+                [r["cls"] for _, r in self.splits.train],
+                self.instance.tolist(),
+                int(cfg.train.batch_size),
+                int(cfg.train.fg_classes_per_batch),
+                int(cfg.seed),
+                info.rank,
+                info.world_size,
+            )
         self.loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=int(cfg.train.batch_size),
@@ -168,6 +185,27 @@ class Trainer:
                 f"the training split has {len(self.dataset)} images, fewer than one batch per "
                 f"rank; lower train.batch_size."
             )
+
+    def fine_grained_instances(self):
+        """Per training row, the id of the photo it shows or was drawn from (-1: none), when
+        train.fg_ratio or train.fg_shuffle_ratio is above 0; else None (categorical training)."""
+        t = self.cfg.train
+        if float(t.fg_ratio) <= 0 and float(t.fg_shuffle_ratio) <= 0:
+            return None
+        rows = self.splits.train
+        ids = {(root, r["img_path"]): k for k, (root, r) in enumerate(rows) if r["m1"] == 0}
+        instance = [
+            ids.get((root, r["img_path"] if r["m1"] == 0 else r.get("photo") or ""), -1)
+            for root, r in rows
+        ]
+        if not any(k >= 0 and r["m1"] != 0 for k, (_, r) in zip(instance, rows)):
+            raise UserError(
+                f"train.fg_ratio={t.fg_ratio} (fine-grained training) needs sketches paired with "
+                f"their photos, but the training data of {list(self.cfg.dataset.train_idx)} has "
+                f"none ({NAMING_RULE}). Use a paired dataset (sketchy, folder, demo) or "
+                f"train.fg_ratio=0."
+            )
+        return torch.tensor(instance, dtype=torch.long)
 
     def wrap_model(self):
         """DDP (with the all-ranks feature gather of the contrastive loss) and torch.compile."""
@@ -188,7 +226,10 @@ class Trainer:
             )
         if self.cfg.train.compile:
             self.net = torch.compile(self.net)
-        self.loss = ModalityAwareLoss(self.ratios, gather)
+        t = self.cfg.train
+        self.loss = ModalityAwareLoss(
+            self.ratios, gather, t.fg_ratio, t.fg_margin, t.fg_shuffle_ratio
+        )
 
     def checkpoint_state(self, batch_in_epoch):
         p = self.progress
@@ -296,8 +337,14 @@ class Trainer:
             images = model_input(
                 batch["image"], self.eval_tf
             )  # cached uint8 batches are normalised here
+            fg = None
+            if self.instance is not None:
+                fg = dict(
+                    instance=self.instance[batch["index"].cpu()].to(self.device),
+                    labels=batch["label"],
+                )
             total, losses = self.net(
-                images, self.tokens, batch["prompt_id"], batch["m1"], batch["m2"], self.loss
+                images, self.tokens, batch["prompt_id"], batch["m1"], batch["m2"], self.loss, fg
             )
         finite = torch.isfinite(total.detach()).float()
         if self.info.enabled:  # every rank skips or stops together, or DDP would hang

@@ -128,7 +128,7 @@ def test_gradio_client_words_upload_and_empty_canvas(app, demo_root):
         all(os.path.isfile(i["image"]) for i in items) and "1 unreadable image(s) skipped" in status
     )
 
-    sketch = demo_root / "sketch" / "sun" / "sun_000.png"
+    sketch = demo_root / "sketch" / "sun" / "sun_000-1.png"
     items, _ = client.predict(
         "upload", None, handle_file(str(sketch)), "sketch", "", "original", K, api_name="/search"
     )
