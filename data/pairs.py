@@ -77,7 +77,3 @@ def add_pairs(rows, name=None):
     report.photos = len(used)
     report.lonely_photos = sum(1 for r in rows if r["m1"] == PHOTO) - len(used)
     return report
-
-
-def has_pairs(rows):
-    return any(r.get("photo") for r in rows)

@@ -9,10 +9,14 @@ nearer the photo it was drawn from than any other photo of its class.
   by another permutation.
 """
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
-PHOTO, SKETCH = 0, 1
+from data.layouts import PHOTO, SKETCH
+
+PERMUTATIONS = list(itertools.permutations(range(4)))  # of the 2x2 grid's cells, row-major
 
 
 def triplets(instance, labels, image_mode):
@@ -48,23 +52,15 @@ def shuffle_patches(images, perm):
     return torch.cat([torch.cat(cells[0:2], -1), torch.cat(cells[2:4], -1)], -2)
 
 
-def patch_shuffle_triplet(encode, images, anchors, positives, margin, generator=None):
+def patch_shuffle_triplet(encode, images, anchors, positives, margin):
     """The triplet of shuffled crops: anchor sketch and positive photo shuffled alike, negative
     the positive photo shuffled otherwise. encode: images -> L2-normalised embeddings."""
     if anchors.numel() == 0:
         return images.sum() * 0
-    order = torch.randperm(24, generator=generator)[:2].tolist()
-    first, second = (_permutation(k) for k in order)
+    first, second = (PERMUTATIONS[k] for k in torch.randperm(len(PERMUTATIONS))[:2].tolist())
     a = encode(shuffle_patches(images[anchors], first))
     p = encode(shuffle_patches(images[positives], first))
     n = encode(shuffle_patches(images[positives], second))
     d_ap = 1 - (a * p).sum(1)
     d_an = 1 - (a * n).sum(1)
     return F.relu(d_ap - d_an + margin).mean()
-
-
-def _permutation(k):
-    """The k-th of the 24 permutations of the 4 cells, in lexicographic order."""
-    import itertools
-
-    return list(itertools.permutations(range(4)))[k]

@@ -227,7 +227,7 @@ def evaluate(cfg, given=()):
     out["top10_retrieved"] = {
         qp: {k: g_paths[tops[k][i]].tolist() for k in QUERY_KINDS} for i, qp in enumerate(q_paths)
     }
-    fg = fine_grained_result(rows, split, queries, img, ecfg, device, folder)
+    fg = fine_grained_result(rows, m1, split, queries, img, ecfg, device, folder)
     if fg is not None:
         out["fine_grained"] = fg
     out.update(record)
@@ -250,13 +250,12 @@ def evaluate(cfg, given=()):
     return out
 
 
-def fine_grained_result(rows, split, queries, img, ecfg, device, folder):
+def fine_grained_result(rows, m1, split, queries, img, ecfg, device, folder):
     """The "fine_grained" block of eval_result.json (metrics/fine_grained.py) when index.csv pairs
     test sketches with the photos they were drawn from; None when it has no pairs (and
     eval.fine_grained is not true) or eval.fine_grained=false."""
     if ecfg.fine_grained is False:
         return None
-    m1 = np.array([r["m1"] for r in rows])
     test = split == "test"
     sketch_rows = np.flatnonzero((m1 != PHOTO) & test)
     own = [rows[i].get("photo") or "" for i in sketch_rows]
@@ -278,7 +277,7 @@ def fine_grained_result(rows, split, queries, img, ecfg, device, folder):
     # the gallery: every photo some test sketch was drawn from (Sketchy's basic set), once
     gallery_rows = sorted({j for _, j in kept})
     g_pos = {j: k for k, j in enumerate(gallery_rows)}
-    q_of = {i: k for k, i in enumerate(np.flatnonzero((m1 != PHOTO) & test))}
+    q_of = {i: k for k, i in enumerate(sketch_rows)}  # row -> position among the queries
     pick = np.array([q_of[i] for i, _ in kept])
     classes = np.array([Path(p).parent.name for p in paths])
     result = fine_grained(

@@ -14,6 +14,7 @@ from data.check import check_before_training
 from data.index import make_splits
 from data.cached import image_dataset
 from data.loader import PromptTable, collate, ignore_stop_signals, model_input
+from data.layouts import PHOTO
 from data.pairs import NAMING_RULE
 from data.sampler import ClassBatchSampler, ResumableSampler
 from model.backbone import build_model, loss_ratios
@@ -193,12 +194,12 @@ class Trainer:
         if float(t.fg_ratio) <= 0 and float(t.fg_shuffle_ratio) <= 0:
             return None
         rows = self.splits.train
-        ids = {(root, r["img_path"]): k for k, (root, r) in enumerate(rows) if r["m1"] == 0}
+        ids = {(root, r["img_path"]): k for k, (root, r) in enumerate(rows) if r["m1"] == PHOTO}
         instance = [
-            ids.get((root, r["img_path"] if r["m1"] == 0 else r.get("photo") or ""), -1)
+            ids.get((root, r["img_path"] if r["m1"] == PHOTO else r.get("photo") or ""), -1)
             for root, r in rows
         ]
-        if not any(k >= 0 and r["m1"] != 0 for k, (_, r) in zip(instance, rows)):
+        if not any(k >= 0 and r["m1"] != PHOTO for k, (_, r) in zip(instance, rows)):
             raise UserError(
                 f"train.fg_ratio={t.fg_ratio} (fine-grained training) needs sketches paired with "
                 f"their photos, but the training data of {list(self.cfg.dataset.train_idx)} has "

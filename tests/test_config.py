@@ -45,6 +45,18 @@ def composed(kind, *overrides):
             "dataset.root=[1]",
             "dataset.root=[1] must be a folder, or dataset.root.<sketchy|tuberlin|quickdraw>",
         ),
+        ("train", "train.fg_ratio=-1", "train.fg_ratio=-1.0 must be a finite number >= 0"),
+        ("train", "train.fg_margin=0", "train.fg_margin=0.0 must be a finite number > 0"),
+        (
+            "train",
+            "train.fg_shuffle_ratio=-0.5",
+            "train.fg_shuffle_ratio=-0.5 must be a finite number >= 0",
+        ),
+        (
+            "train",
+            "train.fg_classes_per_batch=0",
+            "train.fg_classes_per_batch=0 must be a whole number from 1",
+        ),
         ("infer", "mode=nonsense", "mode='nonsense' must be one of best, last"),
         ("infer", "batch_size=0", "batch_size=0 must be a whole number from 1"),
         ("eval", "eval.chunk_size=0", "eval.chunk_size=0 must be a whole number from 1"),
