@@ -165,10 +165,14 @@ def index_lock(folder, root):
 
 def _arrays(file):
     """The arrays of an index file, read whole; DamagedIndex when the file does not load."""
+    with open(file, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise DamagedIndex("the file is empty")
+    if head != b"PK\x03\x04":
+        raise DamagedIndex("not an .npz archive")
     try:
         with np.load(file, allow_pickle=False) as z:
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise DamagedIndex("not an .npz archive")
             missing = [k for k in ARRAYS if k not in z.files]
             if missing:
                 old = "sizes" in z.files and "stats" not in z.files
@@ -180,10 +184,12 @@ def _arrays(file):
             return {k: z[k] for k in ARRAYS}
     except DamagedIndex:
         raise
-    except AttributeError:  # a bare .npy array has no context manager
-        raise DamagedIndex("not an .npz archive") from None
+    except ValueError as e:
+        if "allow_pickle" not in str(e):
+            raise DamagedIndex(f"cut short or corrupt (ValueError: {str(e)[:100]})") from None
+        raise DamagedIndex("it holds pickled objects, which are never loaded") from None
     except Exception as e:  # noqa: BLE001 - any reader failure (BadZipFile, EOFError, zlib ...)
-        raise DamagedIndex(f"{type(e).__name__}: {str(e)[:120]}" if str(e) else type(e).__name__)
+        raise DamagedIndex(f"cut short or corrupt ({type(e).__name__}: {str(e)[:100]})") from None
 
 
 def _text_array(a, name, n=None):
