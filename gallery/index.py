@@ -1,16 +1,21 @@
 """Gallery index: the embeddings of every image under a folder, kept in step with the folder.
 
 Stored as one file, `index.npz`, written atomically under `<run>/index/<name>-<hash>/`, with the
-relative paths, sizes and modification times of the images and the identity (sha256) of the
+relative paths of the images, their size, modification time, inode and change time (so a file
+swapped for another of the same size and time is seen), and the identity (sha256) of the
 checkpoint that embedded them. Updating embeds only new and changed files and drops deleted
 ones; progress is saved as it goes, so an interrupted build continues where it stopped; another
-checkpoint rebuilds. A lock file keeps two processes from indexing the same gallery at once.
+checkpoint rebuilds, and so does an index file that is damaged (cut short, overwritten, or not
+agreeing with itself). A lock file keeps two processes from indexing the same gallery at once.
 """
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
+import stat
 import time
 import uuid
 from contextlib import contextmanager
@@ -22,15 +27,18 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from runtime.io import atomic_path
 from runs.folder import RunFolder
 from runtime.device import autocast
 from runtime.errors import UserError
+from runtime.io import atomic_path
+from runtime.locks import HELD
 from runtime.logs import log
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 INDEX_FILE = "index.npz"
 DEFAULT_CACHE = Path.home() / ".cache" / "ma-sbir" / "index"
+FORMAT = 2  # 2: a file's key is (size, mtime_ns, inode, ctime_ns); 1 had (size, mtime_ns)
+ARRAYS = ("meta", "vectors", "paths", "stats", "skipped_paths", "skipped_reasons", "skipped_stats")
 
 
 @dataclass
@@ -41,36 +49,61 @@ class Gallery:
     folder: Path
     checkpoint: str
     paths: list = field(default_factory=list)
-    stats: list = field(default_factory=list)  # (size, mtime_ns) per path
+    stats: list = field(default_factory=list)  # file_key() per path
     vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
-    skipped: dict = field(default_factory=dict)  # path -> (size, mtime_ns, reason)
+    skipped: dict = field(default_factory=dict)  # path -> why it is not indexed
+    skipped_stats: dict = field(default_factory=dict)  # path -> file_key() of unreadable images
     build_id: str = ""
 
 
+class DamagedIndex(Exception):
+    """An index file that cannot be used as it is; the message is the short reason."""
+
+
+def file_key(st):
+    """What identifies a file's content without reading it: size, mtime, inode and ctime (a
+    `mv` of another file of the same size and mtime over it changes the inode and ctime)."""
+    return (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+
+
 def scan(root):
-    """{relative path: (size, mtime_ns)} of every image under `root`, recursively, sorted."""
+    """({relative path: file_key} of every regular image file under `root`, recursively, sorted;
+    {relative path: reason} of the image names that are not one: a broken link, a link loop, a
+    pipe or device, a file gone before it could be looked at). Nothing is opened here."""
     root = Path(root)
     if not root.is_dir():
         raise UserError(
             f"gallery folder {root} does not exist or is not a folder; pass gallery=<a folder of "
             f"photos>."
         )
-    found = {}
+    found, irregular = {}, {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if name.lower().endswith(IMAGE_EXTS) and not name.startswith("."):
-                st = os.stat(os.path.join(dirpath, name))
-                found[os.path.relpath(os.path.join(dirpath, name), root)] = (
-                    st.st_size,
-                    st.st_mtime_ns,
+            if not name.lower().endswith(IMAGE_EXTS) or name.startswith("."):
+                continue
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            try:
+                st = os.stat(path)  # follows links; never opens (a pipe would block)
+            except FileNotFoundError:
+                irregular[rel] = "broken link" if os.path.islink(path) else "vanished"
+                continue
+            except OSError as e:
+                irregular[rel] = (
+                    "link loop" if e.errno == errno.ELOOP else f"cannot be looked at ({e.strerror})"
                 )
-    if not found:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                irregular[rel] = "not a regular file"
+                continue
+            found[rel] = file_key(st)
+    if not found and not irregular:
         raise UserError(
             f"gallery folder {root} holds no images ({', '.join(e[1:] for e in IMAGE_EXTS)}; "
             f"searched recursively). Point gallery= at a folder of photos."
         )
-    return found
+    return found, irregular
 
 
 def checkpoint_identity(path):
@@ -104,71 +137,172 @@ def index_folder(run_dir, root, cache_dir=None):
 
 @contextmanager
 def index_lock(folder, root):
-    """Hold an exclusive lock on the index folder; a second indexer gets a clear error at once."""
+    """Hold an exclusive lock on the index folder; a second indexer gets a clear error at once.
+    The lock dies with this process: forked loader workers drop their copy (runtime/locks.py)."""
     folder.mkdir(parents=True, exist_ok=True)
     lock_file = folder / ".lock"
-    with open(lock_file, "a") as f:
+    with open(lock_file, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            f.seek(0)
+            pid = f.read(20).strip()
+            holder = f"process {pid}" if pid.isdigit() else "another process"
             raise UserError(
-                f"another process is indexing gallery {root} right now (it holds the lock "
+                f"gallery {root} is in use: {holder} is indexing it right now (it holds the lock "
                 f"{lock_file}). Wait for it to finish, then run again."
             ) from None
+        HELD.add(f.fileno())
         try:
+            f.truncate(0)
+            f.write(str(os.getpid()))
+            f.flush()
             yield
         finally:
+            HELD.discard(f.fileno())
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def load_index(folder, root):
-    """The stored index in `folder`, or None when there is none yet."""
+def _arrays(file):
+    """The arrays of an index file, read whole; DamagedIndex when the file does not load."""
+    with open(file, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise DamagedIndex("the file is empty")
+    if head != b"PK\x03\x04":
+        raise DamagedIndex("not an .npz archive")
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            missing = [k for k in ARRAYS if k not in z.files]
+            if missing:
+                old = "sizes" in z.files and "stats" not in z.files
+                raise DamagedIndex(
+                    "written by an older version of ma-sbir"
+                    if old
+                    else f"no array {', '.join(missing)}"
+                )
+            return {k: z[k] for k in ARRAYS}
+    except DamagedIndex:
+        raise
+    except ValueError as e:
+        if "allow_pickle" not in str(e):
+            raise DamagedIndex(f"cut short or corrupt (ValueError: {str(e)[:100]})") from None
+        raise DamagedIndex("it holds pickled objects, which are never loaded") from None
+    except Exception as e:  # noqa: BLE001 - any reader failure (BadZipFile, EOFError, zlib ...)
+        raise DamagedIndex(f"cut short or corrupt ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def _text_array(a, name, n=None):
+    if a.ndim != 1 or (a.size and a.dtype.kind != "U"):
+        raise DamagedIndex(f"{name} is not a list of names")
+    if n is not None and len(a) != n:
+        raise DamagedIndex(f"{len(a)} {name} for {n} paths")
+    return a.tolist()
+
+
+def _stat_array(a, name, n):
+    if a.shape != (n, 4) or (a.size and a.dtype.kind not in "iu"):
+        raise DamagedIndex(f"{name} has shape {a.shape}, not ({n}, 4) whole numbers")
+    return [tuple(r) for r in a.tolist()]
+
+
+def _meta(a):
+    try:
+        meta = json.loads(str(a[()])) if a.ndim == 0 and a.dtype.kind == "U" else None
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise DamagedIndex("its metadata is not a JSON object")
+    if meta.get("format") != FORMAT:
+        raise DamagedIndex(f"format {meta.get('format')!r}, not {FORMAT}")
+    for key, pattern in (("checkpoint", r"[0-9a-f]{64}"), ("build_id", r"[0-9a-f]{12}")):
+        if not isinstance(meta.get(key), str) or not re.fullmatch(pattern, meta[key]):
+            raise DamagedIndex(f"its metadata has no valid {key}")
+    if not isinstance(meta.get("root"), str):
+        raise DamagedIndex("its metadata has no root")
+    return meta
+
+
+def load_index(folder, root, dim=None):
+    """The stored index in `folder`, or None when there is none yet; DamagedIndex (its message
+    the short reason) when the file does not load or does not agree with itself, or its vectors
+    are not `dim` wide."""
     file = Path(folder) / INDEX_FILE
     if not file.is_file():
         return None
-    with np.load(file, allow_pickle=False) as z:
-        meta = json.loads(str(z["meta"]))
-        paths = z["paths"].tolist()
-        skipped = {
-            p: (int(s), int(m), r)
-            for p, s, m, r in zip(
-                z["skipped_paths"].tolist(),
-                z["skipped_sizes"].tolist(),
-                z["skipped_mtimes"].tolist(),
-                z["skipped_reasons"].tolist(),
-            )
-        }
-        return Gallery(
-            Path(root),
-            Path(folder),
-            meta["checkpoint"],
-            paths,
-            list(zip(z["sizes"].tolist(), z["mtimes"].tolist())),
-            z["vectors"].copy(),
-            skipped,
-            meta["build_id"],
+    z = _arrays(file)
+    meta = _meta(z["meta"])
+    if meta["root"] != str(Path(root).resolve()):
+        raise DamagedIndex(f"built for another folder, {meta['root'][:200]}")
+    paths = _text_array(z["paths"], "paths")
+    if len(set(paths)) != len(paths):
+        raise DamagedIndex("a path appears twice")
+    vectors = z["vectors"]
+    if vectors.ndim != 2 or vectors.dtype.kind != "f":
+        raise DamagedIndex(f"vectors of shape {vectors.shape} and type {vectors.dtype}")
+    if len(vectors) != len(paths):
+        raise DamagedIndex(f"{len(vectors)} vectors for {len(paths)} paths")
+    if paths and dim is not None and vectors.shape[1] != dim:
+        raise DamagedIndex(f"vectors {vectors.shape[1]} wide, the model's are {dim}")
+    if not np.isfinite(vectors).all():
+        raise DamagedIndex("vectors that are not finite numbers")
+    stats = _stat_array(z["stats"], "stats", len(paths))
+    skipped_paths = _text_array(z["skipped_paths"], "skipped_paths")
+    reasons = _text_array(z["skipped_reasons"], "skipped_reasons", len(skipped_paths))
+    skipped_stats = _stat_array(z["skipped_stats"], "skipped_stats", len(skipped_paths))
+    return Gallery(
+        Path(root),
+        Path(folder),
+        meta["checkpoint"],
+        paths,
+        stats,
+        vectors.astype(np.float32),
+        dict(zip(skipped_paths, reasons)),
+        dict(zip(skipped_paths, skipped_stats)),
+        meta["build_id"],
+    )
+
+
+def _check_whole(g):
+    """Refuse to save an index whose rows do not match its paths (it would be short)."""
+    n = len(g.paths)
+    if (
+        g.vectors.ndim != 2
+        or len(g.vectors) != n
+        or len(g.stats) != n
+        or len(set(g.paths)) != n
+        or not set(g.skipped_stats) <= set(g.skipped)
+    ):
+        raise RuntimeError(
+            f"refusing to save a broken index of {g.root}: {len(g.vectors)} vectors, "
+            f"{len(g.stats)} stats, {n} paths ({len(set(g.paths))} different)"
         )
 
 
 def save_index(g):
+    _check_whole(g)
     g.build_id = uuid.uuid4().hex[:12]
     meta = json.dumps(
-        dict(checkpoint=g.checkpoint, root=str(g.root.resolve()), build_id=g.build_id)
+        dict(
+            format=FORMAT, checkpoint=g.checkpoint, root=str(g.root.resolve()), build_id=g.build_id
+        )
     )
-    sk = list(g.skipped.items())
+    sk = list(g.skipped_stats.items())  # unreadable images; other entries are found each scan
     with atomic_path(g.folder / INDEX_FILE) as tmp, open(tmp, "wb") as f:
         np.savez(
             f,
             meta=np.array(meta),
             vectors=g.vectors.astype(np.float32),
             paths=np.array(g.paths, dtype=str),
-            sizes=np.array([s for s, _ in g.stats], dtype=np.int64),
-            mtimes=np.array([m for _, m in g.stats], dtype=np.int64),
+            stats=np.array(g.stats, dtype=np.int64).reshape(-1, 4),
             skipped_paths=np.array([p for p, _ in sk], dtype=str),
-            skipped_sizes=np.array([v[0] for _, v in sk], dtype=np.int64),
-            skipped_mtimes=np.array([v[1] for _, v in sk], dtype=np.int64),
-            skipped_reasons=np.array([v[2] for _, v in sk], dtype=str),
+            skipped_reasons=np.array([g.skipped[p] for p, _ in sk], dtype=str),
+            skipped_stats=np.array([k for _, k in sk], dtype=np.int64).reshape(-1, 4),
         )
+
+
+class _NotRegular(Exception):
+    pass
 
 
 class _Images(torch.utils.data.Dataset):
@@ -179,10 +313,15 @@ class _Images(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        try:
-            with Image.open(self.root / self.paths[i]) as im:
-                im.seek(0)  # a GIF's first frame
-                return i, self.transform(im.convert("RGB")), None
+        try:  # non-blocking: a file replaced by a pipe since the scan must not hang the loader
+            with open(os.open(self.root / self.paths[i], os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise _NotRegular("not a regular file")
+                with Image.open(f) as im:
+                    im.seek(0)  # a GIF's first frame
+                    return i, self.transform(im.convert("RGB")), None
+        except _NotRegular as e:
+            return i, None, str(e)
         except Exception as e:  # noqa: BLE001 - any decoder failure means "unreadable"
             return i, None, f"{type(e).__name__}: {str(e)[:200]}"
 
@@ -196,20 +335,31 @@ def _collate(items):
 
 def _current(stored, found, identity):
     """What of a stored index can be kept for the folder as it is now: (paths, stats, vectors,
-    skipped)."""
+    skipped, skipped_stats)."""
     if stored is None:
-        return [], [], np.zeros((0, 0), np.float32), {}
+        return [], [], np.zeros((0, 0), np.float32), {}, {}
     if stored.checkpoint != identity:
         log.info(f"the checkpoint changed since {stored.folder} was built: rebuilding the index")
-        return [], [], np.zeros((0, 0), np.float32), {}
-    keep = [i for i, p in enumerate(stored.paths) if found.get(p) == tuple(stored.stats[i])]
-    skipped = {p: v for p, v in stored.skipped.items() if found.get(p) == tuple(v[:2])}
+        return [], [], np.zeros((0, 0), np.float32), {}, {}
+    keep = [i for i, p in enumerate(stored.paths) if found.get(p) == stored.stats[i]]
+    skipped_stats = {p: k for p, k in stored.skipped_stats.items() if found.get(p) == k}
     return (
         [stored.paths[i] for i in keep],
-        [tuple(stored.stats[i]) for i in keep],
+        [stored.stats[i] for i in keep],
         stored.vectors[keep],
-        skipped,
+        {p: stored.skipped[p] for p in skipped_stats},
+        skipped_stats,
     )
+
+
+def _load(folder, root, dim, report):
+    """load_index, with a damaged index reported (when `report`) and treated as none."""
+    try:
+        return load_index(folder, root, dim)
+    except DamagedIndex as e:
+        if report:
+            log.warning(f"index {Path(folder) / INDEX_FILE} is damaged ({e}); rebuilding it")
+        return None
 
 
 @torch.no_grad()
@@ -225,20 +375,22 @@ def update_index(
     precision="bf16",
     save_every_s=60.0,
     progress=True,
+    dim=None,
 ):
-    """Bring the index in `folder` up to date with the images under `root`; return the Gallery."""
+    """Bring the index in `folder` up to date with the images under `root`; return the Gallery.
+    `dim`, the width of the model's embeddings, makes a stored index of another width rebuild."""
     root, folder = Path(root), Path(folder)
-    found = scan(root)
+    found, irregular = scan(root)
     identity = checkpoint_identity(checkpoint_path)
-    stored = load_index(folder, root)
+    stored = _load(folder, root, dim, report=False)  # a damaged one is reported under the lock
     if stored is not None and stored.checkpoint == identity and _up_to_date(stored, found):
-        return _finish(stored)
+        return _finish(stored, irregular)
     with index_lock(folder, root):
-        stored = load_index(folder, root)  # another process may have finished meanwhile
-        paths, stats, vectors, skipped = _current(stored, found, identity)
+        stored = _load(folder, root, dim, report=True)  # another process may have finished
+        paths, stats, vectors, skipped, skipped_stats = _current(stored, found, identity)
         done = set(paths) | set(skipped)
         todo = [p for p in found if p not in done]
-        g = Gallery(root, folder, identity, paths, stats, vectors, skipped)
+        g = Gallery(root, folder, identity, paths, stats, vectors, skipped, skipped_stats)
         if todo:
             _embed(
                 g,
@@ -255,7 +407,7 @@ def update_index(
             )
         else:
             save_index(g)
-        return _finish(g)
+        return _finish(g, irregular)
 
 
 def _embed(
@@ -279,47 +431,56 @@ def _embed(
         num_workers=num_workers,
         collate_fn=_collate,
     )
-    new_paths, new_vecs, last_save = [], [], time.monotonic()
+    pending, last_save = [], time.monotonic()  # (paths, vectors) of each batch not merged yet
     try:
         with tqdm(
             total=len(todo), desc="indexing", unit="img", disable=not progress, dynamic_ncols=True
         ) as bar:
             for idx, images, bad in loader:
                 for i, err in bad:
-                    g.skipped[todo[i]] = (*found[todo[i]], err)
+                    g.skipped_stats[todo[i]] = found[todo[i]]
+                    g.skipped[todo[i]] = err
                 if images is not None:
                     with autocast(device, precision):
                         z = model.encode_image(images.to(device)).float()
-                    new_paths += [todo[i] for i in idx]
-                    new_vecs.append(z.cpu().numpy())
+                    pending.append(([todo[i] for i in idx], z.cpu().numpy()))  # one step
                 bar.update(len(idx) + len(bad))
                 if time.monotonic() - last_save > save_every_s:
-                    _merge(g, new_paths, new_vecs, found)
+                    _merge(g, pending, found)
                     save_index(g)
-                    new_paths, new_vecs, last_save = [], [], time.monotonic()
+                    last_save = time.monotonic()
     finally:  # an interrupted build keeps what it embedded
-        _merge(g, new_paths, new_vecs, found)
+        _merge(g, pending, found)
         save_index(g)
 
 
 def _up_to_date(stored, found):
-    have = {p: tuple(s) for p, s in zip(stored.paths, stored.stats)}
-    have.update({p: v[:2] for p, v in stored.skipped.items()})
+    have = dict(zip(stored.paths, stored.stats))
+    have.update(stored.skipped_stats)
     return have == found
 
 
-def _merge(g, new_paths, new_vecs, found):
-    if not new_paths:
+def _merge(g, pending, found):
+    """Move the pending batches into the Gallery; each batch's paths and rows go in together."""
+    if not pending:
         return
-    block = np.concatenate(new_vecs)
-    g.vectors = np.concatenate([g.vectors, block]) if g.paths else block
-    g.paths += new_paths
-    g.stats += [found[p] for p in new_paths]
+    batches = pending[:]
+    pending.clear()
+    new_paths = [p for paths, _ in batches for p in paths]
+    block = np.concatenate([v for _, v in batches])
+    vectors = np.concatenate([g.vectors, block]) if g.paths else block
+    g.vectors, g.paths, g.stats = (
+        vectors,
+        g.paths + new_paths,
+        g.stats + [found[p] for p in new_paths],
+    )
 
 
-def _finish(g):
+def _finish(g, irregular):
+    """The Gallery with the entries that are not image files added to its skipped ones."""
+    g.skipped.update(irregular)
     if not g.paths:
-        first, (_, _, reason) = next(iter(g.skipped.items()))
+        first, reason = next(iter(g.skipped.items()))
         raise UserError(
             f"none of the {len(g.skipped)} images under gallery folder {g.root} could be read "
             f"(e.g. {first}: {reason}). Point gallery= at a folder of readable photos."
@@ -327,7 +488,7 @@ def _finish(g):
     if g.skipped:
         log.warning(
             f"{len(g.skipped)} unreadable image(s) under {g.root} skipped: "
-            + ", ".join(list(g.skipped)[:10])
+            + ", ".join(f"{p} ({r[:60]})" for p, r in list(g.skipped.items())[:10])
             + (" ..." if len(g.skipped) > 10 else "")
         )
     return g

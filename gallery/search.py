@@ -109,6 +109,7 @@ class Searcher:
             self.precision,
             float(ix.save_every_s),
             progress,
+            dim=self.model.modes.embedding_dim,  # the width of every embedding the model makes
         )
         self.ann = gallery_ann(
             self.gallery, ix.kind, ix.hnsw_m, ix.ef_construction, ix.ef_search, progress
@@ -181,7 +182,7 @@ def search(cfg):
     skipped = searcher.gallery.skipped
     if skipped:
         print(f"{len(skipped)} unreadable image(s) skipped:")
-        for p, (_, _, reason) in skipped.items():
+        for p, reason in skipped.items():
             print(f"  {p}: {reason}")
     page = write_results_page(
         Path(cfg.out) / "results.html", title, cfg.query_mode, image, hits, skipped
@@ -222,7 +223,7 @@ def write_results_page(path, title, query_mode, query_image, hits, skipped):
     if skipped:
         parts.append(
             f"<h2>{len(skipped)} unreadable image(s) skipped</h2><ul>"
-            + "".join(f"<li>{html.escape(p)}: {html.escape(v[2])}</li>" for p, v in skipped.items())
+            + "".join(f"<li>{html.escape(p)}: {html.escape(v)}</li>" for p, v in skipped.items())
             + "</ul>"
         )
     save_text("\n".join(parts), path)

@@ -13,27 +13,10 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from runtime.errors import UserError
+from runtime.locks import HELD  # the locks a forked loader worker drops
 
 MARKER = ".ma-sbir-run"
 STARTED = time.time()  # this process's start (the module is imported before Hydra makes folders)
-HELD = set()  # descriptors of the run-folder locks this process holds
-
-
-def _drop_locks_in_child():
-    """A forked child (a DataLoader worker) shares the parent's flock: it would keep the folder
-    locked after a kill -9 of the trainer until the workers die too (seconds). The child points
-    its copies of the lock descriptors at /dev/null, so the lock lives exactly as long as the
-    process that took it."""
-    if not HELD:
-        return
-    null = os.open(os.devnull, os.O_RDONLY)
-    for fd in list(HELD):
-        os.dup2(null, fd)  # drops the child's reference to the locked file, keeps fd valid
-    os.close(null)
-    HELD.clear()
-
-
-os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 def _holder_text(f):

@@ -60,6 +60,7 @@ def index(searcher, folder, stop_after=None, batch_size=4, checkpoint=None):
         "fp32",
         save_every_s=0,
         progress=False,
+        dim=searcher.model.modes.embedding_dim,
     )
     return g, model.images
 
@@ -156,7 +157,7 @@ def test_second_indexer_gets_a_clear_error_and_the_index_stays_whole(run, galler
     shutil.copy(gallery / "sun" / sorted(os.listdir(gallery / "sun"))[0], gallery / "extra.jpg")
     with open(folder / ".lock", "a") as held:  # another indexer holds the lock
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(UserError, match="another process is indexing gallery .* right now"):
+        with pytest.raises(UserError, match="gallery .* is in use: .* is indexing it right now"):
             index(s, folder)
     assert len(load_index(folder, gallery).paths) == 24
     assert len(index(s, folder)[0].paths) == 25
