@@ -43,6 +43,7 @@ EVAL_ALIASES = [("batch_size", "eval.chunk_size", None)]
 # The authors' keys whose value needs no key of its own here (checked, then dropped).
 AUTHORS_ONLY = {
     "train": ["model.d_model"],
+    "baseline": ["model.d_model"],
     "infer": [
         "model.backbone",
         "model.max_length",
@@ -62,7 +63,12 @@ def apply_aliases(cfg, kind, given=()):
     """Move each alias's value onto its canonical key and drop the alias. `given`: the command-line
     overrides; an alias and its canonical key both given with different values is an error."""
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    table = {"train": TRAIN_ALIASES, "infer": INFER_ALIASES, "eval": EVAL_ALIASES}.get(kind, ())
+    table = {
+        "train": TRAIN_ALIASES,
+        "baseline": TRAIN_ALIASES,
+        "infer": INFER_ALIASES,
+        "eval": EVAL_ALIASES,
+    }.get(kind, ())
     for alias, key, convert in table:
         value = OmegaConf.select(cfg, alias)
         if value is None:
@@ -76,7 +82,7 @@ def apply_aliases(cfg, kind, given=()):
             )
         OmegaConf.update(cfg, key, new, force_add=True)
         _drop(cfg, alias)
-    if kind == "train":
+    if kind in ("train", "baseline"):
         _train_specials(cfg)
     n_mode = OmegaConf.select(cfg, "model.n_mode")
     if kind == "infer" and n_mode is not None:

@@ -178,6 +178,22 @@ class TrainConfig:
 
 
 @dataclass
+class BaselineDataset(DatasetConfig):
+    generalized: bool = setting(False, boolean())  # also embed the seen classes' photos (GZS-SBIR)
+
+
+@dataclass
+class BaselineConfig(TrainConfig):  # infer.py baseline=true (pipeline/baseline.py)
+    baseline: bool = setting(True, boolean())
+    path: Optional[str] = setting(
+        None, text(optional=True)
+    )  # null: outputs/baseline/<backbone>-<dataset>
+    batch_size: int = setting(256, integer(1, 1_000_000))  # images per batch while embedding
+    precision: str = setting("fp32", one_of(*PRECISIONS))  # of the embedding, as infer.py's
+    dataset: BaselineDataset = field(default_factory=BaselineDataset)
+
+
+@dataclass
 class InferDataset:  # null: the run's own test dataset, root and setting
     test_idx: Any = setting(None, dataset_id(optional=True))
     root: Any = setting(None, roots)
@@ -302,6 +318,7 @@ class AppConfig(GalleryRun):
 SCHEMAS = {
     "train": TrainConfig,
     "infer": InferConfig,
+    "baseline": BaselineConfig,
     "eval": EvalConfig,
     "search": SearchConfig,
     "app": AppConfig,

@@ -245,6 +245,8 @@ def class_overlap(train_cfg, classes):
 
 def check_zero_shot(train_cfg, classes, allow, where):
     """Refuse test classes the run trained on, or (allow_class_overlap=true) name them."""
+    if train_cfg.get("baseline"):  # the pretrained backbone, trained on no class here
+        return []
     if not (train_cfg.get("run") or {}).get("train_classes"):
         log.warning(
             f"{where}: the run records no training classes (trained by an older version); "

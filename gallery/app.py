@@ -113,7 +113,7 @@ def make_handler(searcher, save_queries=None):
         except UserError as e:
             raise gr.Error(str(e)) from None
         items = [(thumbnail(h.file), f"{h.rank}. {h.score:.3f}  {h.path}") for h in hits]
-        return items, _status(searcher, what, query_mode, hits)
+        return items, _status(searcher, what, searcher.mode_of(query_mode), hits)
 
     return run
 
@@ -180,10 +180,14 @@ def build_app(searcher, k=10, query_mode="converted", save_queries=None, query_m
                     with gr.Tab("Words") as words_tab:
                         text = gr.Textbox(label="Words", placeholder="a bicycle")
                 query_mode = gr.Radio(
-                    list(QUERY_MODES),
+                    ["original"] if searcher.baseline else list(QUERY_MODES),
                     value=query_mode,
                     label="Query",
-                    info="converted moves the query into the photo mode (the paper's method)",
+                    info=(
+                        "a pretrained-CLIP baseline has no trained mode vectors"
+                        if searcher.baseline
+                        else "converted moves the query into the photo mode (the paper's method)"
+                    ),
                 )
                 k_slider = gr.Slider(
                     1, min(100, len(g.paths)), value=min(k, len(g.paths)), step=1, label="Results"
@@ -212,7 +216,11 @@ def serve(cfg, block=True):
     atexit.register(shutil.rmtree, own, ignore_errors=True)
     searcher = Searcher(cfg)
     demo = build_app(
-        searcher, int(cfg.k), cfg.query_mode, cfg.get("save_queries"), cfg.query_modality
+        searcher,
+        int(cfg.k),
+        searcher.mode_of(cfg.query_mode),
+        cfg.get("save_queries"),
+        cfg.query_modality,
     )
     print(
         f"serving {len(searcher.gallery.paths)} photos of {searcher.gallery.root} at "

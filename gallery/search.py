@@ -21,7 +21,7 @@ from runtime.io import save_text
 from runs.folder import RunFolder
 from runtime.device import autocast, pick_device
 from runtime.errors import UserError
-from runtime.logs import setup_logging
+from runtime.logs import log, setup_logging
 
 MODES = {"photo": 0, "sketch": 1, "text": 3}
 QUERY_MODES = ("original", "converted")
@@ -83,6 +83,14 @@ class Searcher:
         self.checkpoint = RunFolder(run).checkpoint(cfg.mode)
         ckpt = load_checkpoint(self.checkpoint)
         train_cfg = OmegaConf.create(ckpt["config"])
+        # a pretrained-CLIP baseline (infer.py baseline=true): its mode vectors are untrained, so
+        # every query is searched with its original embedding
+        self.baseline = bool(train_cfg.get("baseline"))
+        if self.baseline and cfg.query_mode == "converted":
+            log.info(
+                f"{run} is a pretrained-CLIP baseline: its mode vectors are untrained, so queries "
+                f"are searched with their original embeddings (query_mode=original)"
+            )
         self.device = pick_device(cfg.device)
         self.precision = cfg.precision
         self.model, _, self.transform, self.tokenizer = build_model(
@@ -119,9 +127,13 @@ class Searcher:
     def _finish(self, z, mode, query_mode):
         if query_mode not in QUERY_MODES:
             raise UserError(f"unknown query_mode={query_mode!r}. Use original or converted.")
-        if query_mode == "converted":
+        if self.mode_of(query_mode) == "converted":
             z = self.model.convert(z, torch.tensor([mode], device=self.device))[:, MODES["photo"]]
         return z[0].float().cpu().numpy()
+
+    def mode_of(self, query_mode):
+        """The query mode a search really uses: original for a baseline."""
+        return "original" if self.baseline else query_mode
 
     @torch.no_grad()
     def embed_image(self, image, modality="sketch", query_mode="converted"):
@@ -163,6 +175,7 @@ def search(cfg):
             'give exactly one query: query=<sketch or photo file> or text="some words".'
         )
     searcher = Searcher(cfg)
+    query_mode = searcher.mode_of(cfg.query_mode)
     if cfg.query is not None:
         image = load_query_image(cfg.query)
         hits = searcher.search(
@@ -175,7 +188,7 @@ def search(cfg):
         title = f'text "{cfg.text}"'
     print(
         f"top {len(hits)} of {len(searcher.gallery.paths)} photos under {searcher.gallery.root} "
-        f"for {title} ({cfg.query_mode}):"
+        f"for {title} ({query_mode}):"
     )
     for h in hits:
         print(f"{h.rank:4d}  {h.score:.4f}  {h.path}")
@@ -185,7 +198,7 @@ def search(cfg):
         for p, reason in skipped.items():
             print(f"  {p}: {reason}")
     page = write_results_page(
-        Path(cfg.out) / "results.html", title, cfg.query_mode, image, hits, skipped
+        Path(cfg.out) / "results.html", title, query_mode, image, hits, skipped
     )
     print(f"wrote {page}")
     return hits

@@ -1,5 +1,6 @@
 """report.html beside eval_result.json: sampled sketch queries with their top-10 photos (correct
-ones framed green, wrong ones red), per-class AP sorted, and a PNG grid for papers. Thumbnails
+ones framed green, wrong ones red) and, fine-grained, their own photo and its rank; per-class AP
+sorted, and a PNG grid for papers. Thumbnails
 are copied next to the report, so it opens offline and survives moving the folder."""
 
 import html
@@ -11,6 +12,7 @@ from PIL import Image, ImageDraw, ImageOps
 from runtime.io import atomic_path, save_text
 
 GREEN, RED = (40, 160, 60), (200, 40, 40)
+KINDS = ("original", "converted")  # the query kinds of eval_result.json's [original, converted]
 
 
 def _thumb(src, dst, size):
@@ -62,14 +64,29 @@ def write_report(
         )
     parts.append(
         f"</table><p>{result['n_queries']} sketch queries, {result['n_gallery']} photos; "
-        f"chance mAP {_fmt(result['chance_mAP'])}.</p><h2>Sampled queries</h2>"
+        f"chance mAP {_fmt(result['chance_mAP'])}.</p>"
     )
+    if result.get("converted_null_reason"):
+        parts.append(f"<p>converted: n/a, {html.escape(result['converted_null_reason'])}.</p>")
+    fg = result.get("fine_grained") or {}
+    parts += _fine_grained_table(fg)
+    own_of = {r["img_path"]: r.get("photo") for r in rows}
+    parts.append("<h2>Sampled queries</h2>")
     for q in sample:
         parts.append(
             f"<div class='query' data-query='{html.escape(q)}'><p>{html.escape(q)} "
             f"(class {html.escape(class_of[q])})</p>"
         )
-        for kind in ("original", "converted"):
+        rank = (fg.get("own_photo_rank") or {}).get(q)
+        if rank:  # fine-grained: the photo this sketch was drawn from, and where it ranked
+            own = own_of.get(q)
+            said = " / ".join(f"{k} {r}" for k, r in zip(KINDS, rank) if r is not None)
+            parts.append(
+                f"<div class='own'>own photo: <img class='q' src='{images.name}/{thumb(own)[0]}' "
+                f"title='{html.escape(own)}'> rank among the {html.escape(fg['gallery'])} "
+                f"gallery: {said}</div>"
+            )
+        for kind in [k for k in KINDS if top[q].get(k) is not None]:
             cells = [f"<img class='q' src='{images.name}/{thumb(q)[0]}' title='{html.escape(q)}'>"]
             for p in top[q][kind]:
                 ok = label_of[p] == label_of[q]
@@ -89,8 +106,31 @@ def write_report(
     parts.append("</table>")
     out = output.report_html
     save_text("\n".join(parts), out)
+    if sample and top[sample[0]].get(grid_kind) is None:
+        grid_kind = "original"  # a baseline has no converted results
     _grid(output.report_grid, sample[:grid_queries], top, grid_kind, label_of, thumb, size)
     return out
+
+
+def _fine_grained_table(fg):
+    """Acc@k of the fine-grained block (each query's own photo), when evaluate.py wrote one."""
+    if not fg:
+        return []
+    parts = ["<h2>Fine-grained: each sketch's own photo</h2><table>"]
+    parts.append("<tr><th>gallery</th><th>metric</th><th>original</th><th>converted</th></tr>")
+    for block in (fg, fg["unseen"]):
+        for key in ("acc@1", "acc@5", "acc@10"):
+            parts.append(
+                f"<tr><td>{html.escape(block['gallery'])}</td><td>{key}</td>"
+                + "".join(f"<td>{_fmt(v)}</td>" for v in block[key])
+                + "</tr>"
+            )
+    parts.append(
+        f"</table><p>{fg['n_queries']} sketches paired with their photo; chance acc@1 "
+        f"{_fmt(fg['chance_acc@1'])} (class gallery), {_fmt(fg['unseen']['chance_acc@1'])} "
+        f"(unseen gallery). A rank counts the photos scoring at least the own photo's score.</p>"
+    )
+    return parts
 
 
 def _grid(path, queries, top, kind, label_of, thumb, size):

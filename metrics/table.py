@@ -21,6 +21,15 @@ PAPER = {
     ("tuberlin", "tuberlin_30"): {"mAP@all": 70.5, "p@100": 77.7},
     ("quickdraw", "quickdraw_30"): {"mAP@all": 32.7, "p@200": 42.5},
 }
+# Fine-grained ZS-SBIR on Sketchy's 21 unseen classes (the paper's third table): Acc@1, Acc@5 in %.
+PAPER_FG = {
+    ("sketchy", "sketchy_21"): [
+        ("MA-SBIR (Lyou et al., WACV 2024)", 29.96, 58.53),
+        ("CLIP-AT (Sain et al., CVPR 2023)", 28.68, 62.34),
+        ("SpLIP (ECCV 2024)", 33.45, 66.71),
+    ]
+}
+FG_METRICS = ("acc@1", "acc@5", "acc@10")  # the class gallery of the fine_grained block
 DEFAULT_SPLIT = {"sketchy": "sketchy_21", "tuberlin": "tuberlin_30", "quickdraw": "quickdraw_30"}
 COLUMNS = [
     "run",
@@ -31,6 +40,7 @@ COLUMNS = [
     "protocol",
     "query",
     *METRICS,
+    *(f"FG {m}" for m in FG_METRICS),
     "paper",
 ]
 
@@ -73,6 +83,10 @@ def rows_of(path):
     chosen = meta.get("selected_by") or "?"
     if out.get("checkpoint_chosen_on_test_data"):
         chosen += " (on test data)"
+    checkpoint = f"{meta.get('mode', path.parent.parent.name)} (epoch {meta.get('epoch', '?')})"
+    if chosen == "baseline":
+        checkpoint = "pretrained, no training"
+    fg = out.get("fine_grained") or {}
     paper = PAPER.get((dataset, split)) if kind == "ZS" else None
     paper_text = " / ".join(f"{k} {v}" for k, v in paper.items()) if paper else ""
     protocols = {"default": {m: out[m] for m in METRICS}}
@@ -81,21 +95,45 @@ def rows_of(path):
     rows = []
     for protocol, values in protocols.items():
         for q, query in enumerate(("original", "converted")):
+            if all(values[m][q] is None for m in METRICS):
+                continue  # a baseline's converted queries (converted_null_reason)
+            on = protocol == "default" and fg  # fine-grained Acc@k have one protocol
             rows.append(
                 dict(
                     run=str(run),
                     dataset=dataset,
                     split=f"{split} {kind}".strip(),
-                    checkpoint=f"{meta.get('mode', path.parent.parent.name)} (epoch "
-                    f"{meta.get('epoch', '?')})",
+                    checkpoint=checkpoint,
                     **{"chosen by": chosen},
                     protocol=protocol,
                     query=query,
                     **{m: _pct(values[m][q]) for m in METRICS},
+                    **{f"FG {m}": _pct(fg[m][q]) if on else "" for m in FG_METRICS},
                     paper=paper_text,
                 )
             )
     return rows
+
+
+def paper_fg_rows(rows):
+    """The published fine-grained figures, below the results of a split that has them."""
+    shown = {(r["dataset"], r["split"].split(" ")[0]) for r in rows if r["FG acc@1"]}
+    out = []
+    for (dataset, split), methods in PAPER_FG.items():
+        if (dataset, split) not in shown:
+            continue
+        for name, acc1, acc5 in methods:
+            blank = {c: "" for c in COLUMNS}
+            out.append(
+                dict(
+                    blank,
+                    run=f"paper: {name}",
+                    dataset=dataset,
+                    split=f"{split} ZS",
+                    **{"FG acc@1": f"{acc1:.2f}", "FG acc@5": f"{acc5:.2f}"},
+                )
+            )
+    return out
 
 
 def _pct(x):
@@ -130,7 +168,11 @@ def main(argv=None):
         )
         return 1
     rows = [r for f in files for r in rows_of(f)]
-    print("metrics in %; paper = the paper's zero-shot numbers on the same split\n")
+    rows += paper_fg_rows(rows)
+    print(
+        "metrics in %; paper = the paper's zero-shot numbers on the same split; FG acc@k = "
+        "fine-grained, each sketch's own photo among its class's photos\n"
+    )
     print(markdown(rows))
     from runtime.io import save_text
 

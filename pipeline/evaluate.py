@@ -16,6 +16,7 @@ from data.pairs import NAMING_RULE
 from metrics.engine import per_class, retrieval_metrics, summarize
 from metrics.fine_grained import fine_grained
 from metrics.report import write_report
+from pipeline.baseline import CONVERTED_NULL_REASON, is_baseline
 from runtime.io import load_torch, save_json
 from config.entry import prepare
 from runs.folder import InferOutput, find_run
@@ -140,6 +141,14 @@ def load_outputs(folder):
     return tensors, rows
 
 
+def is_baseline_output(run, folder):
+    """Embeddings of a pretrained-CLIP baseline (infer.py baseline=true)?"""
+    meta = json.loads(folder.meta.read_text()) if folder.meta.is_file() else {}
+    if meta.get("selected_by") == "baseline":
+        return True
+    return run.config.is_file() and is_baseline(OmegaConf.load(run.config))
+
+
 def provenance(run, folder, rows, q, allow):
     """What was scored: the inference's record, and whether the split is zero-shot for the run."""
     meta = json.loads(folder.meta.read_text()) if folder.meta.is_file() else {}
@@ -178,11 +187,14 @@ def evaluate(cfg, given=()):
         )
     record = provenance(run, folder, rows, q, bool(cfg.allow_class_overlap))
     img = tensors["img"].float()
-    queries = {"original": img[q], "converted": tensors["converted"][q][:, 0, PHOTO].float()}
+    baseline = is_baseline_output(run, folder)
+    queries = {"original": img[q]}
+    if not baseline:  # a baseline's mode vectors are untrained: no converted queries
+        queries["converted"] = tensors["converted"][q][:, 0, PHOTO].float()
     device = pick_device(ecfg.device)
     protocols = list(dict.fromkeys(["default"] + list(ecfg.protocols)))
     results, tops = {}, {}
-    for kind in QUERY_KINDS:
+    for kind in queries:
         per_query, tops[kind] = retrieval_metrics(
             queries[kind],
             img[g],
@@ -197,7 +209,7 @@ def evaluate(cfg, given=()):
         results[kind] = (summarize(per_query), per_query)
 
     def pair(key):
-        return [results[k][0][key] for k in QUERY_KINDS]
+        return [results[k][0][key] if k in results else None for k in QUERY_KINDS]
 
     out = {
         "mAP@all": pair("default/AP@all"),
@@ -218,21 +230,27 @@ def evaluate(cfg, given=()):
     out["n_queries"], out["n_gallery"] = int(q.sum()), int(g.sum())
     out["generalized"] = bool(ecfg.generalized)
     name_of = {int(r["label"]): Path(r["img_path"]).parent.name for r in rows}
-    ap = {k: per_class(results[k][1]["default/AP@all"], q_lab) for k in QUERY_KINDS}
+    ap = {k: per_class(results[k][1]["default/AP@all"], q_lab) for k in queries}
     out["per_class_AP"] = {
-        name_of[lab]: [ap["original"][lab], ap["converted"][lab]] for lab in sorted(ap["original"])
+        name_of[lab]: [ap[k][lab] if k in ap else None for k in QUERY_KINDS]
+        for lab in sorted(ap["original"])
     }
     paths = np.array([r["img_path"] for r in rows])
     q_paths, g_paths = paths[q], paths[g]
     out["top10_retrieved"] = {
-        qp: {k: g_paths[tops[k][i]].tolist() for k in QUERY_KINDS} for i, qp in enumerate(q_paths)
+        qp: {k: g_paths[tops[k][i]].tolist() if k in tops else None for k in QUERY_KINDS}
+        for i, qp in enumerate(q_paths)
     }
     fg = fine_grained_result(rows, m1, split, queries, img, ecfg, device, folder)
     if fg is not None:
         out["fine_grained"] = fg
+    if baseline:
+        out["converted_null_reason"] = CONVERTED_NULL_REASON
     out.update(record)
     undefined = [
-        k for k in ("mAP@all", "mAP@200", "p@100", "p@200") if not all(map(math.isfinite, out[k]))
+        k
+        for k in ("mAP@all", "mAP@200", "p@100", "p@200")
+        if not all(math.isfinite(v) for v in out[k] if v is not None)
     ]
     if undefined:
         raise UserError(
@@ -298,8 +316,13 @@ def fine_grained_result(rows, m1, split, queries, img, ecfg, device, folder):
         )
     ranks = result["ranks"]["class"]
     summary["own_photo_rank"] = {
-        paths[i]: [int(ranks[k][n]) for k in queries] for n, (i, _) in enumerate(kept)
+        paths[i]: [int(ranks[k][n]) if k in queries else None for k in QUERY_KINDS]
+        for n, (i, _) in enumerate(kept)
     }
+    for block in [summary, summary["unseen"], *summary["per_class"].values()]:
+        for key in ("acc@1", "acc@5", "acc@10"):  # [original, converted], null when not asked
+            block[key] = dict(zip(queries, block[key]))
+            block[key] = [block[key].get(k) for k in QUERY_KINDS]
     return summary
 
 
@@ -342,13 +365,19 @@ def _nan_to_none(x):
     return x
 
 
+def _num(v, width=10):
+    return f"{'n/a':>{width}}" if v is None else f"{v:>{width}.4f}"
+
+
 def format_table(out, path):
     lines = [f"{'metric':<10} {'original':>10} {'converted':>10}"]
     for key in ("mAP@all", "mAP@200", "p@100", "p@200"):
-        lines.append(f"{key:<10} {out[key][0]:>10.4f} {out[key][1]:>10.4f}")
+        lines.append(f"{key:<10} {_num(out[key][0])} {_num(out[key][1])}")
     for proto, vals in out.get("protocols", {}).items():
         for key, v in vals.items():
-            lines.append(f"{key + ' (' + proto + ')':<10} {v[0]:>10.4f} {v[1]:>10.4f}")
+            lines.append(f"{key + ' (' + proto + ')':<10} {_num(v[0])} {_num(v[1])}")
+    if out.get("converted_null_reason"):
+        lines.append(f"converted: n/a, {out['converted_null_reason']}")
     lines.append(
         f"chance mAP (mean fraction of relevant photos per query): {out['chance_mAP']:.4f}"
     )
@@ -356,7 +385,8 @@ def format_table(out, path):
     if fg:
         for block in (fg, fg["unseen"]):
             accs = "  ".join(
-                f"{k} {block[k][0]:.4f} / {block[k][1]:.4f}" for k in ("acc@1", "acc@5", "acc@10")
+                f"{k} {_num(block[k][0], 0)} / {_num(block[k][1], 0)}"
+                for k in ("acc@1", "acc@5", "acc@10")
             )
             lines.append(
                 f"fine-grained, {block['gallery']} gallery (original / converted): {accs}; "
