@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
+from data.image import ImageTooLarge, ImageUnreadable, read_image
 from runs.folder import RunFolder
 from runtime.device import autocast
 from runtime.errors import UserError
@@ -306,24 +306,30 @@ class _NotRegular(Exception):
 
 
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, root, paths, transform):
+    def __init__(self, root, paths, transform, max_pixels=None):
         self.root, self.paths, self.transform = root, paths, transform
+        self.max_pixels = max_pixels
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
+        path = self.root / self.paths[i]
         try:  # non-blocking: a file replaced by a pipe since the scan must not hang the loader
-            with open(os.open(self.root / self.paths[i], os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
                 if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                     raise _NotRegular("not a regular file")
-                with Image.open(f) as im:
-                    im.seek(0)  # a GIF's first frame
-                    return i, self.transform(im.convert("RGB")), None
+                # data/image.py, the one reader; its refusal is the skipped file's reason
+                image = read_image(f, self.max_pixels, key="max_image_pixels", name=path)
         except _NotRegular as e:
             return i, None, str(e)
-        except Exception as e:  # noqa: BLE001 - any decoder failure means "unreadable"
+        except ImageTooLarge as e:
+            return i, None, e.reason
+        except ImageUnreadable as e:
+            return i, None, e.reason
+        except OSError as e:  # the file vanished or cannot be opened since the scan
             return i, None, f"{type(e).__name__}: {str(e)[:200]}"
+        return i, self.transform(image), None
 
 
 def _collate(items):

@@ -1,0 +1,118 @@
+"""The one image reader of training, infer, search, the app and the report thumbnails.
+
+read_image(path) -> an upright 8-bit RGB image: the first frame of an animation, EXIF
+orientation applied, 16-bit and float greys scaled to 8 bit (not clipped to white), transparent
+parts on white (sketches are black lines on a transparent or white ground). The pixel limit is
+checked against the header before any pixel is decoded (Image.open reads only the header)."""
+
+import re
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from runtime.errors import UserError
+
+PILLOW_LIMIT = Image.MAX_IMAGE_PIXELS  # Pillow's own default (89478485 px), before any change
+
+# EXIF orientation -> the transpose that makes the image upright (as PIL.ImageOps.exif_transpose)
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+class ImageTooLarge(UserError):
+    """An image whose header gives more pixels than the limit (a possible decompression bomb)."""
+
+    def __init__(self, path, limit, key, size=None, pixels=None):
+        self.path, self.limit, self.key = path, limit, key
+        dims = f"{size[0]}x{size[1]}" if size else f"{pixels} pixels"
+        super().__init__(
+            f"image {path} is larger than {key}={limit} ({dims}). "
+            f"If the file is genuine, raise {key}; else delete it."
+        )
+
+
+class ImageUnreadable(UserError):
+    """A file that is missing, truncated, corrupt or no image; `reason` says which."""
+
+    def __init__(self, path, reason):
+        self.path, self.reason = path, reason
+        super().__init__(
+            f"cannot read image {path}: {reason}. Replace or delete the file "
+            f"(python -m data.check lists every bad file)."
+        )
+
+
+def _reason(e):
+    return " ".join(f"{type(e).__name__}: {str(e)[:200]}".split())  # one line
+
+
+def to_8bit(im):
+    """A 16-bit, 32-bit int or float image as 8-bit grey ("L"), scaled, not clipped: I;16*
+    0..65535 -> 0..255; I by its range when its maximum is above 255 (else kept, negatives 0);
+    F in [0, 1] times 255, else by its range. Other modes are returned as they are."""
+    if im.mode.startswith("I;16"):
+        a = np.asarray(im, dtype=np.float64) / 257.0
+    elif im.mode in ("I", "F"):
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+        if im.mode == "I" and hi <= 255:
+            pass
+        elif im.mode == "F" and lo >= 0 and hi <= 1:
+            a = a * 255.0
+        else:
+            a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    else:
+        return im
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
+def to_rgb(im):
+    """Any decoded image as RGB: 16-bit/float greys scaled (to_8bit), transparency on white,
+    palette, CMYK and the rest through Pillow's convert."""
+    im = to_8bit(im)
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def read_image(path, max_pixels=None, key="dataset.max_image_pixels", draft=None):
+    """Decode an image file as an upright 8-bit RGB image (see the module's text). `max_pixels`
+    (None: Pillow's default) is checked against the header before decoding; `key` is the setting
+    the refusal names. draft=(w, h): a JPEG may decode at a reduced scale (the whole stream is
+    still read, so truncation is caught). Raises ImageTooLarge or ImageUnreadable (UserErrors)."""
+    limit = int(max_pixels or PILLOW_LIMIT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked below
+        Image.MAX_IMAGE_PIXELS = limit  # Pillow's own check, at 2x the limit, stays armed
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > limit:
+                    raise ImageTooLarge(path, limit, key, size=(w, h))
+                orientation = im.getexif().get(0x0112)
+                if draft is not None and im.format == "JPEG":
+                    im.draft("RGB", draft)
+                im.load()
+                out = to_rgb(im)
+        except UserError:
+            raise
+        except Image.DecompressionBombError as e:  # more than twice the limit: refused at open
+            n = re.search(r"\((\d+) pixels\)", str(e))
+            raise ImageTooLarge(path, limit, key, pixels=n.group(1) if n else "?") from None
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
+            raise ImageUnreadable(path, _reason(e)) from None
+    if orientation in _UPRIGHT:
+        out = out.transpose(_UPRIGHT[orientation])
+    return out
