@@ -28,26 +28,29 @@ _UPRIGHT = {
 
 
 class ImageTooLarge(UserError):
-    """An image whose header gives more pixels than the limit (a possible decompression bomb)."""
-
-    def __init__(self, path, limit, key, size=None, pixels=None):
-        self.path, self.limit, self.key = path, limit, key
-        dims = f"{size[0]}x{size[1]}" if size else f"{pixels} pixels"
-        super().__init__(
-            f"image {path} is larger than {key}={limit} ({dims}). "
-            f"If the file is genuine, raise {key}; else delete it."
-        )
+    """An image whose header gives more pixels than the limit (a possible decompression bomb).
+    Built as any exception from its message (torch re-raises a worker's error so)."""
 
 
 class ImageUnreadable(UserError):
     """A file that is missing, truncated, corrupt or no image; `reason` says which."""
 
-    def __init__(self, path, reason):
-        self.path, self.reason = path, reason
-        super().__init__(
-            f"cannot read image {path}: {reason}. Replace or delete the file "
-            f"(python -m data.check lists every bad file)."
-        )
+
+def too_large(path, limit, key, size=None, pixels=None):
+    dims = f"{size[0]}x{size[1]}" if size else f"{pixels} pixels"
+    return ImageTooLarge(
+        f"image {path} is larger than {key}={limit} ({dims}). "
+        f"If the file is genuine, raise {key}; else delete it."
+    )
+
+
+def unreadable_image(path, reason):
+    e = ImageUnreadable(
+        f"cannot read image {path}: {reason}. Replace or delete the file "
+        f"(python -m data.check lists every bad file)."
+    )
+    e.reason = reason
+    return e
 
 
 def _reason(e):
@@ -100,7 +103,7 @@ def read_image(path, max_pixels=None, key="dataset.max_image_pixels", draft=None
             with Image.open(path) as im:
                 w, h = im.size
                 if w * h > limit:
-                    raise ImageTooLarge(path, limit, key, size=(w, h))
+                    raise too_large(path, limit, key, size=(w, h))
                 orientation = im.getexif().get(0x0112)
                 if draft is not None and im.format == "JPEG":
                     im.draft("RGB", draft)
@@ -110,9 +113,9 @@ def read_image(path, max_pixels=None, key="dataset.max_image_pixels", draft=None
             raise
         except Image.DecompressionBombError as e:  # more than twice the limit: refused at open
             n = re.search(r"\((\d+) pixels\)", str(e))
-            raise ImageTooLarge(path, limit, key, pixels=n.group(1) if n else "?") from None
+            raise too_large(path, limit, key, pixels=n.group(1) if n else "?") from None
         except Exception as e:  # noqa: BLE001 - PIL raises many types for corrupt files
-            raise ImageUnreadable(path, _reason(e)) from None
+            raise unreadable_image(path, _reason(e)) from None
     if orientation in _UPRIGHT:
         out = out.transpose(_UPRIGHT[orientation])
     return out

@@ -20,7 +20,10 @@ def open_image(path, max_pixels=None, draft=None):
     orientation, 16-bit and float scaled to 8 bit, transparency on white, RGB). An image above
     `max_pixels` is refused from its header, before decoding, as a possible decompression bomb.
     draft=(w, h): let JPEG decode at a reduced scale (the whole stream is still read)."""
-    return read_image(path, max_pixels, key="dataset.max_image_pixels", draft=draft)
+    try:
+        return read_image(path, max_pixels, key="dataset.max_image_pixels", draft=draft)
+    except UserError as e:  # a plain UserError: runtime/errors.py finds it in a worker's trace
+        raise UserError(str(e)) from None
 
 
 def unreadable(path, max_pixels=None):
