@@ -8,7 +8,6 @@ import signal
 import threading
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from data.image import read_image
@@ -54,7 +53,7 @@ class SketchPhotoDataset(Dataset):
     """(root, row) pairs -> (image, prompt id, m1, m2, label, index). With `seed` set, random
     transforms draw from sample_seed(seed, epoch, index), so workers and resumes agree."""
 
-    def __init__(self, rows, transform, prompts, max_pixels=Image.MAX_IMAGE_PIXELS, seed=None):
+    def __init__(self, rows, transform, prompts, max_pixels=None, seed=None):
         self.rows = rows
         self.transform = transform
         self.prompt_ids = [prompts.id_of[r["text"]] for _, r in rows]

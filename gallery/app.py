@@ -12,7 +12,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-
 from config.entry import prepare
 from data.image import read_image
 from gallery.search import IMAGE_MODALITIES, QUERY_MODES, Searcher, load_query_image

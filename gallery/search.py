@@ -111,6 +111,7 @@ class Searcher:
             float(ix.save_every_s),
             progress,
             dim=self.model.modes.embedding_dim,  # the width of every embedding the model makes
+            max_pixels=self.max_pixels,  # a larger photo is skipped and listed, not decoded
         )
         self.ann = gallery_ann(
             self.gallery, ix.kind, ix.hnsw_m, ix.ef_construction, ix.ef_search, progress
@@ -163,15 +164,15 @@ def search(cfg):
         raise UserError(
             'give exactly one query: query=<sketch or photo file> or text="some words".'
         )
+    # the query is read first: a bad or too large one is refused before any gallery is indexed
+    image = None if cfg.query is None else load_query_image(cfg.query, cfg.max_image_pixels)
     searcher = Searcher(cfg)
     if cfg.query is not None:
-        image = load_query_image(cfg.query, cfg.max_image_pixels)
         hits = searcher.search(
             searcher.embed_image(image, cfg.query_modality, cfg.query_mode), cfg.k
         )
         title = f"{cfg.query_modality} {cfg.query}"
     else:
-        image = None
         hits = searcher.search(searcher.embed_text(str(cfg.text), cfg.query_mode), cfg.k)
         title = f'text "{cfg.text}"'
     print(
