@@ -108,12 +108,12 @@ def make_handler(searcher, save_queries=None):
                     with atomic_path(Path(save_queries) / "last-query.png") as tmp:
                         image.save(tmp, format="PNG")
             hits = searcher.search(vector, int(k))
+            items = [  # a photo changed since indexing (now unreadable, too large): its line
+                (thumbnail(h.file, searcher.max_pixels), f"{h.rank}. {h.score:.3f}  {h.path}")
+                for h in hits
+            ]
         except UserError as e:
             raise gr.Error(str(e)) from None
-        items = [
-            (thumbnail(h.file, searcher.max_pixels), f"{h.rank}. {h.score:.3f}  {h.path}")
-            for h in hits
-        ]
         return items, _status(searcher, what, query_mode, hits)
 
     return run
