@@ -296,6 +296,9 @@ class GalleryRun:  # what search.py and app.py share: the run, the photo folder,
     precision: str = setting("bf16", one_of(*PRECISIONS))
     batch_size: int = setting(64, integer(1, 1_000_000))  # images per batch while indexing
     num_workers: int = setting(2, integer(0, 256))
+    max_image_pixels: Optional[int] = setting(
+        89478485, integer(1, optional=True)
+    )  # a query or gallery image above this is refused from its header (null: Pillow's limit)
     index: IndexSection = field(default_factory=IndexSection)
 
 

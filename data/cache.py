@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 from torchvision import transforms as T
-from PIL import Image
 from tqdm import tqdm
 
 from data.loader import open_image
@@ -35,7 +34,7 @@ from runtime.io import DiskFullError, atomic_path, save_json
 from runtime.errors import UserError
 from runtime.logs import log
 
-VERSION = 1
+VERSION = 2  # 2: the one reader (data/image.py): 16-bit/float scaled, transparency on white
 SHARD_IMAGES = 1024
 DEFAULT_BASE = Path(__file__).resolve().parent.parent / ".cache" / "prepared"
 AUGMENT_MARGIN = 8 / 7  # augmented training crops from a cache kept this much larger (256 for 224)
@@ -135,7 +134,7 @@ def stat_of(path):
     return [st.st_size, st.st_mtime_ns]
 
 
-def decode(path, ops, max_pixels=Image.MAX_IMAGE_PIXELS):
+def decode(path, ops, max_pixels=None):
     """An image as the files path makes it (data.loader.open_image, then the pixel steps): uint8 H
     x W x 3."""
     return np.asarray(ops(open_image(path, max_pixels)), dtype=np.uint8)

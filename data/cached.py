@@ -35,7 +35,7 @@ class CachedDataset(Dataset):
         tables,
         stored_ops,
         augment=None,
-        max_pixels=Image.MAX_IMAGE_PIXELS,
+        max_pixels=None,
         seed=None,
     ):
         self.rows = rows
@@ -98,7 +98,7 @@ def image_dataset(
     prompts,
     setting=False,
     progress=True,
-    max_pixels=Image.MAX_IMAGE_PIXELS,
+    max_pixels=None,
     seed=None,
 ):
     """The dataset of these rows: from the image cache where it holds them (building it first when

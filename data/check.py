@@ -12,9 +12,9 @@ import sys
 from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
-from PIL import Image
 from tqdm import tqdm
 
+from data.image import PILLOW_LIMIT
 from data.cached import cache_base, decodable
 from data.layouts import PHOTO
 from data.index import make_splits, validation_problem
@@ -144,7 +144,7 @@ def check_dataset(dcfg, decode=True, progress=True, need_test=True, select="auto
             f"validation: {problem}; training selects best.pth as the last epoch"
         )
     if decode:
-        max_pixels = int(dcfg.max_image_pixels or Image.MAX_IMAGE_PIXELS)
+        max_pixels = int(dcfg.max_image_pixels or PILLOW_LIMIT)
         decode_problems(
             splits.train + splits.val + splits.test, report, max_pixels, progress, dcfg.cache
         )

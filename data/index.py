@@ -4,9 +4,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
 from tqdm import tqdm
 
+from data.image import PILLOW_LIMIT
 from data.layouts import (
     PHOTO,
     SKETCH,
@@ -221,7 +221,7 @@ def make_splits(dcfg, need_test=True, need_train=True, allow_empty_train=False):
     train = partial(train, float(dcfg.train_partial_ratio), seed)
     val = partial(val, float(dcfg.valid_partial_ratio), seed)
     if dcfg.on_bad_image == "skip":
-        max_pixels = int(dcfg.max_image_pixels or Image.MAX_IMAGE_PIXELS)
+        max_pixels = int(dcfg.max_image_pixels or PILLOW_LIMIT)
         train, val, test = (
             drop_unreadable(rows, what, max_pixels)
             for rows, what in ((train, "training"), (val, "validation"), (test, "test"))

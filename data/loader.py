@@ -6,41 +6,26 @@ import multiprocessing
 import os
 import signal
 import threading
-import warnings
 
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from data.image import read_image
 from runtime.errors import UserError
 
 
-def open_image(path, max_pixels=Image.MAX_IMAGE_PIXELS, draft=None):
-    """Decode an image fully: first frame of an animation, EXIF orientation applied, RGB. An image
-    above `max_pixels` is refused as a possible decompression bomb. draft=(w, h): let JPEG decode
-    at a reduced scale (the whole stream is still read, so truncation is caught)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        Image.MAX_IMAGE_PIXELS = max_pixels
-        try:
-            with Image.open(path) as im:
-                if draft is not None and im.format == "JPEG":
-                    im.draft("RGB", draft)
-                im.load()
-                return ImageOps.exif_transpose(im).convert("RGB")
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise UserError(
-                f"image {path} is larger than dataset.max_image_pixels={max_pixels} ({e}). "
-                f"If the file is genuine, raise dataset.max_image_pixels; else delete it."
-            ) from None
-        except Exception as e:  # PIL raises many types for corrupt or foreign files
-            raise UserError(
-                f"cannot read image {path}: {type(e).__name__}: {e}. Replace or delete the "
-                f"file (python -m data.check lists every bad file)."
-            ) from None
+def open_image(path, max_pixels=None, draft=None):
+    """Decode an image fully with the project's one reader (data/image.py: first frame, EXIF
+    orientation, 16-bit and float scaled to 8 bit, transparency on white, RGB). An image above
+    `max_pixels` is refused from its header, before decoding, as a possible decompression bomb.
+    draft=(w, h): let JPEG decode at a reduced scale (the whole stream is still read)."""
+    try:
+        return read_image(path, max_pixels, key="dataset.max_image_pixels", draft=draft)
+    except UserError as e:  # a plain UserError: runtime/errors.py finds it in a worker's trace
+        raise UserError(str(e)) from None
 
 
-def unreadable(path, max_pixels=Image.MAX_IMAGE_PIXELS):
+def unreadable(path, max_pixels=None):
     """Why an image file cannot be used (missing, truncated, not an image, too large), or None.
     Decodes the whole file (JPEGs at 1/8 scale, which still reads every byte)."""
     try:
@@ -68,7 +53,7 @@ class SketchPhotoDataset(Dataset):
     """(root, row) pairs -> (image, prompt id, m1, m2, label, index). With `seed` set, random
     transforms draw from sample_seed(seed, epoch, index), so workers and resumes agree."""
 
-    def __init__(self, rows, transform, prompts, max_pixels=Image.MAX_IMAGE_PIXELS, seed=None):
+    def __init__(self, rows, transform, prompts, max_pixels=None, seed=None):
         self.rows = rows
         self.transform = transform
         self.prompt_ids = [prompts.id_of[r["text"]] for _, r in rows]

@@ -12,9 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from PIL import Image, ImageOps
-
 from config.entry import prepare
+from data.image import read_image
 from gallery.search import IMAGE_MODALITIES, QUERY_MODES, Searcher, load_query_image
 from runtime.io import atomic_path
 from runtime.errors import UserError
@@ -61,31 +60,30 @@ class HostGuard:
         await self.app(scope, receive, send)
 
 
-def thumbnail(file):
-    """A result photo as a small upright RGB image (the page never gets the file itself)."""
-    with Image.open(file) as im:
-        im.draft("RGB", (THUMBNAIL, THUMBNAIL))  # JPEGs decode at a reduced size directly
-        im = ImageOps.exif_transpose(im).convert("RGB")
+def thumbnail(file, max_pixels=None):
+    """A result photo as a small upright RGB image (the page never gets the file itself), read
+    by the project's one reader (data/image.py); JPEGs decode at a reduced size directly."""
+    im = read_image(file, max_pixels, key="max_image_pixels", draft=(THUMBNAIL, THUMBNAIL))
     im.thumbnail((THUMBNAIL, THUMBNAIL))
     return im
 
 
-def _query_image(source, drawing, upload):
+def _query_image(source, drawing, upload, max_pixels=None):
     if source == "draw":
         if drawing is None or drawing.get("composite") is None:
             raise UserError("the canvas is empty: draw something first.")
         return drawing["composite"]
     if upload is None:
         raise UserError("no image uploaded: upload a sketch or a photo first (or draw one).")
-    return load_query_image(upload)  # a file in the app's upload folder, read as search.py reads
+    return load_query_image(upload, max_pixels)  # a file of the app's upload folder, as search.py
 
 
-def _preview(upload):
+def _preview(upload, max_pixels=None):
     """The uploaded file as the query reader reads it (its one-line error in the page if not)."""
     if upload is None:
         return None
     try:
-        return load_query_image(upload)
+        return load_query_image(upload, max_pixels)
     except UserError as e:
         raise gr.Error(str(e)) from None
 
@@ -102,7 +100,7 @@ def make_handler(searcher, save_queries=None):
             if source == "words":
                 vector, what = searcher.embed_text(text, query_mode), f'words "{text.strip()}"'
             else:
-                image = _query_image(source, drawing, upload)
+                image = _query_image(source, drawing, upload, searcher.max_pixels)
                 modality = "sketch" if source == "draw" else upload_modality
                 vector = searcher.embed_image(image, modality, query_mode)
                 what = "your drawing" if source == "draw" else f"the uploaded {modality}"
@@ -110,9 +108,12 @@ def make_handler(searcher, save_queries=None):
                     with atomic_path(Path(save_queries) / "last-query.png") as tmp:
                         image.save(tmp, format="PNG")
             hits = searcher.search(vector, int(k))
+            items = [  # a photo changed since indexing (now unreadable, too large): its line
+                (thumbnail(h.file, searcher.max_pixels), f"{h.rank}. {h.score:.3f}  {h.path}")
+                for h in hits
+            ]
         except UserError as e:
             raise gr.Error(str(e)) from None
-        items = [(thumbnail(h.file), f"{h.rank}. {h.score:.3f}  {h.path}") for h in hits]
         return items, _status(searcher, what, searcher.mode_of(query_mode), hits)
 
     return run
@@ -198,7 +199,11 @@ def build_app(searcher, k=10, query_mode="converted", save_queries=None, query_m
                 status = gr.Markdown(elem_id="status")
         for tab, name in ((draw_tab, "draw"), (upload_tab, "upload"), (words_tab, "words")):
             tab.select(lambda name=name: name, None, source, api_visibility="private")
-        upload.change(_preview, upload, preview, api_visibility="private")
+
+        def preview_upload(file):
+            return _preview(file, searcher.max_pixels)
+
+        upload.change(preview_upload, upload, preview, api_visibility="private")
         handler = make_handler(searcher, save_queries)
         inputs = [source, drawing, upload, upload_modality, text, query_mode, k_slider]
         button.click(handler, inputs, [results, status], api_name="search")

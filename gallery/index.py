@@ -21,12 +21,13 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
+from data.image import PILLOW_LIMIT, ImageTooLarge, ImageUnreadable, read_image
 from runs.folder import RunFolder
 from runtime.device import autocast
 from runtime.errors import UserError
@@ -54,6 +55,7 @@ class Gallery:
     skipped: dict = field(default_factory=dict)  # path -> why it is not indexed
     skipped_stats: dict = field(default_factory=dict)  # path -> file_key() of unreadable images
     build_id: str = ""
+    max_pixels: Optional[int] = None  # the pixel limit the skipped images were refused under
 
 
 class DamagedIndex(Exception):
@@ -220,6 +222,9 @@ def _meta(a):
             raise DamagedIndex(f"its metadata has no valid {key}")
     if not isinstance(meta.get("root"), str):
         raise DamagedIndex("its metadata has no root")
+    limit = meta.get("max_pixels")  # absent in indexes written before the key
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise DamagedIndex("its metadata has no valid max_pixels")
     return meta
 
 
@@ -260,6 +265,7 @@ def load_index(folder, root, dim=None):
         dict(zip(skipped_paths, reasons)),
         dict(zip(skipped_paths, skipped_stats)),
         meta["build_id"],
+        meta.get("max_pixels"),
     )
 
 
@@ -284,7 +290,11 @@ def save_index(g):
     g.build_id = uuid.uuid4().hex[:12]
     meta = json.dumps(
         dict(
-            format=FORMAT, checkpoint=g.checkpoint, root=str(g.root.resolve()), build_id=g.build_id
+            format=FORMAT,
+            checkpoint=g.checkpoint,
+            root=str(g.root.resolve()),
+            build_id=g.build_id,
+            max_pixels=g.max_pixels,
         )
     )
     sk = list(g.skipped_stats.items())  # unreadable images; other entries are found each scan
@@ -306,24 +316,30 @@ class _NotRegular(Exception):
 
 
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, root, paths, transform):
+    def __init__(self, root, paths, transform, max_pixels=None):
         self.root, self.paths, self.transform = root, paths, transform
+        self.max_pixels = max_pixels
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
+        path = self.root / self.paths[i]
         try:  # non-blocking: a file replaced by a pipe since the scan must not hang the loader
-            with open(os.open(self.root / self.paths[i], os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
                 if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                     raise _NotRegular("not a regular file")
-                with Image.open(f) as im:
-                    im.seek(0)  # a GIF's first frame
-                    return i, self.transform(im.convert("RGB")), None
+                # data/image.py, the one reader; its refusal is the skipped file's reason
+                image = read_image(f, self.max_pixels, key="max_image_pixels", name=path)
         except _NotRegular as e:
             return i, None, str(e)
-        except Exception as e:  # noqa: BLE001 - any decoder failure means "unreadable"
+        except ImageTooLarge as e:
+            return i, None, e.reason
+        except ImageUnreadable as e:
+            return i, None, e.reason
+        except OSError as e:  # the file vanished or cannot be opened since the scan
             return i, None, f"{type(e).__name__}: {str(e)[:200]}"
+        return i, self.transform(image), None
 
 
 def _collate(items):
@@ -333,9 +349,10 @@ def _collate(items):
     return [i for i, _ in good], images, bad
 
 
-def _current(stored, found, identity):
+def _current(stored, found, identity, max_pixels=None):
     """What of a stored index can be kept for the folder as it is now: (paths, stats, vectors,
-    skipped, skipped_stats)."""
+    skipped, skipped_stats). Under another pixel limit the skipped images are tried again (one
+    refused as too large may now be allowed)."""
     if stored is None:
         return [], [], np.zeros((0, 0), np.float32), {}, {}
     if stored.checkpoint != identity:
@@ -343,6 +360,8 @@ def _current(stored, found, identity):
         return [], [], np.zeros((0, 0), np.float32), {}, {}
     keep = [i for i, p in enumerate(stored.paths) if found.get(p) == stored.stats[i]]
     skipped_stats = {p: k for p, k in stored.skipped_stats.items() if found.get(p) == k}
+    if stored.max_pixels != max_pixels:
+        skipped_stats = {}
     return (
         [stored.paths[i] for i in keep],
         [stored.stats[i] for i in keep],
@@ -376,21 +395,33 @@ def update_index(
     save_every_s=60.0,
     progress=True,
     dim=None,
+    max_pixels=None,
 ):
     """Bring the index in `folder` up to date with the images under `root`; return the Gallery.
-    `dim`, the width of the model's embeddings, makes a stored index of another width rebuild."""
+    `dim`, the width of the model's embeddings, makes a stored index of another width rebuild.
+    `max_pixels` (the key max_image_pixels; None: Pillow's default) is the limit above which an
+    image is skipped, from its header, without being decoded."""
     root, folder = Path(root), Path(folder)
+    max_pixels = int(max_pixels or PILLOW_LIMIT)
     found, irregular = scan(root)
     identity = checkpoint_identity(checkpoint_path)
     stored = _load(folder, root, dim, report=False)  # a damaged one is reported under the lock
-    if stored is not None and stored.checkpoint == identity and _up_to_date(stored, found):
+    if (
+        stored is not None
+        and stored.checkpoint == identity
+        and _up_to_date(stored, found)
+        and (stored.max_pixels == max_pixels or not stored.skipped_stats)
+    ):
         return _finish(stored, irregular)
     with index_lock(folder, root):
         stored = _load(folder, root, dim, report=True)  # another process may have finished
-        paths, stats, vectors, skipped, skipped_stats = _current(stored, found, identity)
+        paths, stats, vectors, skipped, skipped_stats = _current(
+            stored, found, identity, max_pixels
+        )
         done = set(paths) | set(skipped)
         todo = [p for p in found if p not in done]
         g = Gallery(root, folder, identity, paths, stats, vectors, skipped, skipped_stats)
+        g.max_pixels = max_pixels
         if todo:
             _embed(
                 g,
@@ -426,7 +457,7 @@ def _embed(
     log.info(f"indexing {len(todo)} of {len(found)} images under {g.root} into {g.folder}")
     model.eval()
     loader = torch.utils.data.DataLoader(
-        _Images(g.root, todo, transform),
+        _Images(g.root, todo, transform, g.max_pixels),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ImageOps
 
 from model.backbone import build_model
 from model.checkpoint import load_checkpoint
 from config.entry import prepare
+from data.image import ImageUnreadable, read_image, to_rgb
 from gallery.ann import gallery_ann, top_k
 from gallery.index import index_folder, update_index
 from runtime.io import save_text
@@ -41,9 +42,7 @@ class Hit:
 
 def flatten_on_white(image):
     """An RGB image; transparent parts (a drawing's or a PNG sketch's) become white."""
-    image = image.convert("RGBA")
-    white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, image).convert("RGB")
+    return to_rgb(image)
 
 
 def check_not_blank(image, what="the query image"):
@@ -52,17 +51,18 @@ def check_not_blank(image, what="the query image"):
         raise UserError(f"{what} is blank (one flat colour): draw something first.")
 
 
-def load_query_image(path):
+def load_query_image(path, max_pixels=None):
+    """A query file read by the project's one reader (data/image.py): upright, 8-bit RGB,
+    transparency on white; more than `max_pixels` (the search/app key max_image_pixels; None:
+    Pillow's default) is refused from the header, before decoding."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"query file {path} does not exist; pass query=<a sketch or photo file>.")
     try:
-        with Image.open(path) as im:
-            im.seek(0)
-            return flatten_on_white(im)
-    except (UnidentifiedImageError, OSError) as e:
+        return read_image(path, max_pixels, key="max_image_pixels")
+    except ImageUnreadable as e:
         raise UserError(
-            f"query file {path} is not an image that can be read ({str(e)[:200]}); pass "
+            f"query file {path} is not an image that can be read ({e.reason}); pass "
             f"query=<a .png/.jpg/.webp sketch or photo>."
         ) from None
 
@@ -80,6 +80,7 @@ class Searcher:
             raise UserError(
                 f"run folder {run} does not exist; pass path=<the folder train.py wrote>."
             )
+        self.max_pixels = cfg.get("max_image_pixels")  # of a query and a result's thumbnail
         self.checkpoint = RunFolder(run).checkpoint(cfg.mode)
         ckpt = load_checkpoint(self.checkpoint)
         train_cfg = OmegaConf.create(ckpt["config"])
@@ -118,6 +119,7 @@ class Searcher:
             float(ix.save_every_s),
             progress,
             dim=self.model.modes.embedding_dim,  # the width of every embedding the model makes
+            max_pixels=self.max_pixels,  # a larger photo is skipped and listed, not decoded
         )
         self.ann = gallery_ann(
             self.gallery, ix.kind, ix.hnsw_m, ix.ef_construction, ix.ef_search, progress
@@ -174,16 +176,16 @@ def search(cfg):
         raise UserError(
             'give exactly one query: query=<sketch or photo file> or text="some words".'
         )
+    # the query is read first: a bad or too large one is refused before any gallery is indexed
+    image = None if cfg.query is None else load_query_image(cfg.query, cfg.max_image_pixels)
     searcher = Searcher(cfg)
     query_mode = searcher.mode_of(cfg.query_mode)
     if cfg.query is not None:
-        image = load_query_image(cfg.query)
         hits = searcher.search(
             searcher.embed_image(image, cfg.query_modality, cfg.query_mode), cfg.k
         )
         title = f"{cfg.query_modality} {cfg.query}"
     else:
-        image = None
         hits = searcher.search(searcher.embed_text(str(cfg.text), cfg.query_mode), cfg.k)
         title = f'text "{cfg.text}"'
     print(
@@ -198,7 +200,13 @@ def search(cfg):
         for p, reason in skipped.items():
             print(f"  {p}: {reason}")
     page = write_results_page(
-        Path(cfg.out) / "results.html", title, query_mode, image, hits, skipped
+        Path(cfg.out) / "results.html",
+        title,
+        query_mode,
+        image,
+        hits,
+        skipped,
+        cfg.max_image_pixels,
     )
     print(f"wrote {page}")
     return hits
@@ -212,7 +220,7 @@ def _data_uri(image, size=160):
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def write_results_page(path, title, query_mode, query_image, hits, skipped):
+def write_results_page(path, title, query_mode, query_image, hits, skipped, max_pixels=None):
     """One self-contained HTML file (thumbnails inline) with the query and its ranked photos."""
     parts = [
         "<!doctype html><meta charset='utf-8'><title>ma-sbir search</title><style>"
@@ -226,9 +234,7 @@ def write_results_page(path, title, query_mode, query_image, hits, skipped):
             f"<figcaption>query</figcaption></figure><hr>"
         )
     for h in hits:
-        with Image.open(h.file) as im:
-            im.seek(0)
-            uri = _data_uri(im)
+        uri = _data_uri(read_image(h.file, max_pixels, key="max_image_pixels", draft=(160, 160)))
         parts.append(
             f"<figure class='hit' data-path='{html.escape(h.path)}'><img src='{uri}'>"
             f"<figcaption>{h.rank}. {h.score:.4f}<br>{html.escape(h.path)}</figcaption></figure>"

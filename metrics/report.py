@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageOps
 
+from data.image import read_image
 from runtime.io import atomic_path, save_text
 
 GREEN, RED = (40, 160, 60), (200, 40, 40)
@@ -16,8 +17,8 @@ KINDS = ("original", "converted")  # the query kinds of eval_result.json's [orig
 
 
 def _thumb(src, dst, size):
-    with Image.open(src) as im:
-        im = ImageOps.pad(im.convert("RGB"), (size, size), color=(255, 255, 255))
+    im = read_image(src, draft=(size, size))  # the one reader: upright, 8-bit, RGB
+    im = ImageOps.pad(im, (size, size), color=(255, 255, 255))
     with atomic_path(dst) as tmp:
         im.save(tmp, format="JPEG", quality=85)
     return im

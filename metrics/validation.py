@@ -26,6 +26,7 @@ def validation_map(model, rows, transform, tokenizer, cfg, device, info):
         progress=False,
         with_converted=False,
         cache=cfg.dataset.cache,
+        max_pixels=cfg.dataset.max_image_pixels,
     )
     z = all_gather_cat(torch.from_numpy(emb["img"]).to(device)).cpu()
     meta = torch.tensor([[r["m1"], r["label"]] for _, r in mine], dtype=torch.long, device=device)
@@ -52,7 +53,7 @@ def split_loss(model, rows, transform, tokenizer, ratios, cfg, device):
     tokens = prompts.tokens.to(device)
     loss = ModalityAwareLoss(ratios)
     loader = make_loader(
-        SketchPhotoDataset(rows, transform, prompts),
+        SketchPhotoDataset(rows, transform, prompts, cfg.dataset.max_image_pixels),
         int(cfg.train.batch_size),
         int(cfg.train.num_workers),
         shuffle=False,

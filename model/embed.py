@@ -23,9 +23,11 @@ def embed_rows(
     progress=True,
     with_converted=True,
     cache=False,
+    max_pixels=None,
 ):
     """Returns dict img [N,d], txt [N,d] and (optionally) converted [N,2,n_mode,d] as numpy.
-    `cache`: the dataset.cache setting (data/cached.py)."""
+    `cache`: the dataset.cache setting (data/cached.py); `max_pixels`: dataset.max_image_pixels
+    (an image above it is refused from its header; None: Pillow's default)."""
     model.eval()
     prompts = PromptTable(rows, tokenizer)
     with autocast(device, precision):
@@ -35,7 +37,7 @@ def embed_rows(
                 for s in range(0, len(prompts.texts), 1024)
             ]
         ).float()
-    dataset = image_dataset(rows, transform, prompts, cache, progress)
+    dataset = image_dataset(rows, transform, prompts, cache, progress, max_pixels)
     loader = make_loader(dataset, batch_size, num_workers, shuffle=False)
     img, txt, conv = [], [], []
     for batch in tqdm(loader, desc="embedding", disable=not progress, dynamic_ncols=True):

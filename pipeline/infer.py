@@ -117,6 +117,7 @@ def infer(cfg, given=()):
         cfg.precision,
         progress=info.is_main,
         cache=dcfg.cache,
+        max_pixels=dcfg.max_image_pixels,
     )
     if info.enabled:
         emb = gather_shards(emb, len(rows), info, device)

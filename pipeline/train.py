@@ -149,7 +149,7 @@ class Trainer:
             prompts,
             cfg.dataset.cache,
             info.is_main,
-            int(cfg.dataset.max_image_pixels),
+            cfg.dataset.max_image_pixels,  # None: Pillow's limit
             seed=int(cfg.seed),
         )
         self.instance = self.fine_grained_instances()
