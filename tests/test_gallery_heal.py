@@ -3,7 +3,6 @@ entries that are not regular image files are skipped and listed (a pipe never ha
 photo swapped for another of the same size and time is re-embedded, and the index lock dies with
 the process that took it, not with its forked loader workers."""
 
-import fcntl
 import json
 import os
 import re
@@ -22,7 +21,7 @@ from gallery.index import INDEX_FILE, _Images, index_folder
 from gallery.search import Searcher
 from tests.conftest import REPO
 from tests.search_fixtures import make_gallery, random_run, search_cfg
-from tests.test_kill_safety import children, reap, wait_for
+from tests.test_kill_safety import children, flock_is_free, reap, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -245,16 +244,6 @@ except UserError as e:
 """
 
 
-def _lock_is_free(file):
-    with open(file, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        fcntl.flock(f, fcntl.LOCK_UN)
-        return True
-
-
 @pytest.mark.slow
 def test_the_index_lock_is_in_use_for_a_second_indexer_and_dies_with_its_holder(
     run, photos, tmp_path
@@ -282,12 +271,12 @@ def test_the_index_lock_is_in_use_for_a_second_indexer_and_dies_with_its_holder(
             f"gallery {photos} is in use: process {holder.pid} is indexing it right now (it "
             f"holds the lock {folder / '.lock'}). Wait for it to finish, then run again."
         ), second.stderr[-2000:]
-        assert not _lock_is_free(folder / ".lock")
+        assert not flock_is_free(folder / ".lock")
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
         killed = time.time()
         assert any(os.path.exists(f"/proc/{w}") for w in workers)  # the workers outlive it
-        wait_for(lambda: _lock_is_free(folder / ".lock"), timeout=0.5)
+        wait_for(lambda: flock_is_free(folder / ".lock"), timeout=0.5)
         assert time.time() - killed < 0.5
     finally:
         reap(holder)
