@@ -22,7 +22,7 @@ from runtime.device import seed_everything
 from runtime.errors import UserError
 from runtime.io import load_torch
 from tests.conftest import REPO
-from tests.search_fixtures import make_gallery, search_cfg
+from tests.search_fixtures import make_gallery, random_run, search_cfg
 from tests.test_evaluate import eval_cfg
 
 
@@ -52,6 +52,7 @@ def base(demo_root, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # the module's baseline is made by a second process
 def test_the_baseline_is_the_untrained_backbone_as_a_run(base, demo_root):
     ckpt = load_torch(base / "model" / "best.pth")
     assert ckpt["selected_by"] == "baseline" and ckpt["epoch"] is None
@@ -72,6 +73,7 @@ def test_the_baseline_is_the_untrained_backbone_as_a_run(base, demo_root):
     assert (base / "config.yaml").is_file() and (base / ".ma-sbir-run").is_file()
 
 
+@pytest.mark.slow  # the module's baseline is made by a second process
 def test_evaluate_writes_converted_as_null_with_the_reason(base):
     result = evaluate(eval_cfg(base))
     saved = json.loads((base / "infer_output" / "best" / "demo" / "eval_result.json").read_text())
@@ -87,12 +89,14 @@ def test_evaluate_writes_converted_as_null_with_the_reason(base):
     assert result["mAP@all"][0] == saved["mAP@all"][0]
 
 
+@pytest.mark.slow  # the module's baseline is made by a second process
 def test_generalized_evaluation_of_a_baseline(base, demo_root):
     baseline(baseline_cfg(demo_root, base, "dataset.generalized=true"))
     out = evaluate(eval_cfg(base, "eval.generalized=true"))
     assert out["generalized"] and out["n_gallery"] > 6 * 8 and out["mAP@all"][1] is None
 
 
+@pytest.mark.slow  # the module's baseline is made by a second process
 def test_search_and_the_table_take_a_baseline(base, demo_root, tmp_path, capsys):
     gallery = make_gallery(tmp_path / "g", demo_root)
     s = Searcher(search_cfg(base, gallery, f"index.cache_dir={tmp_path / 'idx'}"), progress=False)
@@ -109,6 +113,7 @@ def test_search_and_the_table_take_a_baseline(base, demo_root, tmp_path, capsys)
     assert "| converted |" not in text  # a baseline has no converted row
 
 
+@pytest.mark.slow  # the module's baseline is made by a second process
 def test_a_second_call_reuses_the_baseline_and_another_setting_is_refused(base, demo_root):
     before = (base / "model" / "best.pth").stat().st_mtime_ns
     baseline(baseline_cfg(demo_root, base))
@@ -117,13 +122,11 @@ def test_a_second_call_reuses_the_baseline_and_another_setting_is_refused(base, 
         baseline(baseline_cfg(demo_root, base, "model.n_mode=5"))
 
 
-def test_a_trained_run_or_a_users_folder_is_never_written(demo_root, tmp_path, tiny_train_cfg):
-    from pipeline.train import train
-
-    run = tmp_path / "trained"
-    train(tiny_train_cfg(), run)
+def test_a_trained_run_or_a_users_folder_is_never_written(demo_root, tmp_path):
+    run = random_run(tmp_path / "trained")  # a run folder's shape: model/best.pth, config.yaml
+    (run / "config.yaml").write_text("seed: 0\n")
     files = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
-    with pytest.raises(UserError, match="holds a trained run"):
+    with pytest.raises(UserError, match="holds a trained run .model/best.pth was selected by None"):
         baseline(baseline_cfg(demo_root, run))
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == files
     mine = tmp_path / "mine"
@@ -163,6 +166,7 @@ def test_a_file_as_path_or_a_missing_dataset_is_one_line_before_any_weights(demo
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow  # the module's baseline is made by a second process
 def test_the_report_shows_each_sketchs_own_photo_and_its_rank(base):
     import re
 
