@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from data.image import read_image
 from runtime.io import atomic_path, save_text
+from runtime.logs import log
 
 GREEN, RED = (40, 160, 60), (200, 40, 40)
 KINDS = ("original", "converted")  # the query kinds of eval_result.json's [original, converted]
@@ -108,7 +109,8 @@ def write_report(
     out = output.report_html
     save_text("\n".join(parts), out)
     if sample and top[sample[0]].get(grid_kind) is None:
-        grid_kind = "original"  # a baseline has no converted results
+        log.warning(f"report grid: no {grid_kind} results here (a baseline); drawn from original")
+        grid_kind = "original"
     _grid(output.report_grid, sample[:grid_queries], top, grid_kind, label_of, thumb, size)
     return out
 

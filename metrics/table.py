@@ -85,7 +85,8 @@ def rows_of(path):
         chosen += " (on test data)"
     checkpoint = f"{meta.get('mode', path.parent.parent.name)} (epoch {meta.get('epoch', '?')})"
     if chosen == "baseline":
-        checkpoint = "pretrained, no training"
+        weights = config.model.get("pretrained") if config is not None else "?"
+        checkpoint = "pretrained, no training" if weights else "random init, no training"
     fg = out.get("fine_grained") or {}
     paper = PAPER.get((dataset, split)) if kind == "ZS" else None
     paper_text = " / ".join(f"{k} {v}" for k, v in paper.items()) if paper else ""

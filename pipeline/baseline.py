@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from config.entry import prepare
 from config.schema import InferConfig
 from data.index import make_splits
-from data.layouts import resolve_name
+from data.layouts import output_key, resolve_name
 from model.backbone import build_model
 from model.checkpoint import load_checkpoint, save_checkpoint
 from runs.folder import RunFolder
@@ -42,7 +42,7 @@ def default_folder(cfg):
     return Path("outputs") / "baseline" / f"{cfg.model.backbone}-{name}"
 
 
-def _existing_baseline(run, cfg):
+def _existing_baseline(run, cfg, root):
     """A folder that holds a run already: reused when it is a baseline of the same model and
     dataset, refused otherwise (a trained run is never touched)."""
     ckpt = load_checkpoint(run.best)
@@ -59,6 +59,9 @@ def _existing_baseline(run, cfg):
         for k in IDENTITY
         if OmegaConf.select(saved, k) != OmegaConf.select(cfg, k)
     ]
+    made_on = OmegaConf.select(saved, "run.root")
+    if made_on is not None and made_on != root:
+        differ.append(f"the dataset root {made_on} there, {root} asked")
     if differ:
         raise UserError(
             f"{run.path} holds the baseline of another setting ({'; '.join(differ)}); it is left "
@@ -67,19 +70,20 @@ def _existing_baseline(run, cfg):
     log.info(f"{run.path} holds this baseline already; inferring with its model/best.pth")
 
 
-def make_baseline(cfg, run):
+def make_baseline(cfg, run, root):
     """Write config.yaml and model/best.pth of a new baseline run into the claimed folder."""
     seed_everything(int(cfg.seed))  # the untrained mode vectors and discriminator are drawn here
     model, *_ = build_model(cfg.model)  # the pretrained weights (or their one-line error)
     record = OmegaConf.to_container(cfg, resolve=True)
-    record["run"] = dict(train_classes=[], select=SELECTED_BY)
+    record["run"] = dict(train_classes=[], select=SELECTED_BY, root=root)
     save_text(OmegaConf.to_yaml(record), run.track(run.config))
     run.track(run.model_dir).mkdir(exist_ok=True)
     save_checkpoint(
         dict(model=model.state_dict(), config=record, epoch=None, selected_by=SELECTED_BY),
         run.track(run.best),
     )
-    log.info(f"baseline {cfg.model.backbone} ({cfg.model.pretrained}) written to {run.best}")
+    weights = cfg.model.pretrained or "random init: model.pretrained is null"
+    log.info(f"baseline {cfg.model.backbone} ({weights}) written to {run.best}")
 
 
 def infer_config(cfg, folder):
@@ -94,6 +98,38 @@ def infer_config(cfg, folder):
     return icfg
 
 
+def _check_folder(run, cfg, root):
+    """What the folder holds decides: None (a new baseline), "reuse" (this baseline, complete), or
+    "complete" (a baseline start that was killed before its best.pth); anything else is refused
+    untouched."""
+    folder = run.path
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"path={folder} is a file; pass path=<a new folder> for the baseline.")
+    if not run.is_run():
+        if run.foreign_entries():
+            shown = ", ".join(run.foreign_entries()[:5])
+            raise UserError(
+                f"{folder} is not empty ({shown}) and is not a run folder; a baseline never writes "
+                f"into a folder it did not make. Pass path=<a new or empty folder>."
+            )
+        return None
+    if run.best.is_file():
+        _existing_baseline(run, cfg, root)  # read only: another run's folder is refused untouched
+        return "reuse"
+    saved = None
+    if run.config.is_file():
+        try:
+            saved = OmegaConf.load(run.config)
+        except Exception:  # a config.yaml cut by the kill
+            saved = OmegaConf.create({"baseline": True})
+    if saved is not None and not is_baseline(saved):
+        raise UserError(
+            f"{folder} is a run of train.py without model/best.pth (not a baseline); a baseline "
+            f"never writes into another run. Pass path=<a new folder>."
+        )
+    return "complete"
+
+
 def baseline(cfg, given=()):
     from pipeline.infer import infer
 
@@ -104,27 +140,30 @@ def baseline(cfg, given=()):
             "infer.py baseline=true makes its run folder in one process: run it without torchrun "
             "once, then `torchrun ... infer.py path=<that folder>` embeds on several GPUs."
         )
-    make_splits(cfg.dataset, need_train=False)  # a dataset that is not there fails before weights
+    # a dataset that is not there fails before any weights are read
+    root = str(make_splits(cfg.dataset, need_train=False).test_index.root.resolve())
     folder = Path(str(cfg.path)).expanduser() if cfg.path else default_folder(cfg)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"path={folder} is a file; pass path=<a new folder> for the baseline.")
     run = RunFolder(folder)
-    existing = run.is_run()
-    if existing and not run.best.is_file():
-        raise UserError(
-            f"{folder} is a run folder without model/best.pth; a baseline never writes into "
-            f"another run. Pass path=<a new folder>."
-        )
-    if existing:
-        _existing_baseline(run, cfg)  # read only: another run's folder is refused untouched
-    run.claim(resume=existing)  # a non-empty folder of something else is refused here
-    if not existing:
+    state = _check_folder(run, cfg, root)
+    run.claim(resume=state is not None)  # a live holder: "in use by process <pid>"
+    if state != "reuse":
+        if state == "complete":
+            log.info(f"{folder}: completing a baseline start that was stopped before its best.pth")
         try:
-            make_baseline(cfg, run)
+            make_baseline(cfg, run, root)
         except BaseException:
             run.discard_failed_start()  # removes only what this call created
             raise
     try:
-        return infer(infer_config(cfg, folder))
+        icfg = infer_config(cfg, folder)
+        out = run.infer_output("best", output_key(cfg.dataset.test_idx), icfg.dataset.generalized)
+        if state == "reuse" and out.meta.is_file():
+            log.info(
+                f"{out} holds this baseline's embeddings already (kept, with their evaluation); "
+                f"`python infer.py path={folder}` embeds again. Next: python evaluate.py "
+                f"path={folder}"
+            )
+            return out
+        return infer(icfg)
     finally:
         run.release()

@@ -300,6 +300,12 @@ def resume_config(run_dir, overrides=()):
             f"cannot resume: {run.config} does not parse ({str(e).splitlines()[0]}). Restore it "
             f"from .hydra/config.yaml in the same folder, or start a new run."
         ) from None
+    if saved.get("baseline"):
+        raise UserError(
+            f"cannot resume {run.path}: it is a pretrained-CLIP baseline (infer.py baseline=true), "
+            f"not a training run. Train a new run (python train.py ...); evaluate.py and search.py "
+            f"take the baseline as it is."
+        )
     cfg = OmegaConf.merge(current_defaults(), saved)  # keys newer than the run
     groups = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in GROUPS]
     if groups:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from config.schema import compose_config
+from data.demo import generate
 from gallery.search import Searcher
 from infer import wants_baseline
 from metrics.table import main as table_main
@@ -20,24 +21,19 @@ from pipeline.baseline import CONVERTED_NULL_REASON, baseline
 from pipeline.evaluate import evaluate
 from runtime.device import seed_everything
 from runtime.errors import UserError
+from runs.folder import MARKER, RunFolder, resume_config
 from runtime.io import load_torch
 from tests.conftest import REPO
 from tests.search_fixtures import make_gallery, random_run, search_cfg
 from tests.test_evaluate import eval_cfg
 
 
+BASE = ["dataset=demo", "model=tiny", "num_workers=0", "device=cpu"]
+
+
 def baseline_cfg(demo_root, path, *extra):
     return compose_config(
-        "config-baseline",
-        [
-            "dataset=demo",
-            "model=tiny",
-            f"dataset.root={demo_root}",
-            f"path={path}",
-            "num_workers=0",
-            "device=cpu",
-            *extra,
-        ],
+        "config-baseline", [*BASE, f"dataset.root={demo_root}", f"path={path}", *extra]
     )
 
 
@@ -109,17 +105,32 @@ def test_search_and_the_table_take_a_baseline(base, demo_root, tmp_path, capsys)
     evaluate(eval_cfg(base))
     assert table_main([str(base), "--csv", str(tmp_path / "t.csv")]) == 0
     text = capsys.readouterr().out
-    assert "| pretrained, no training | baseline | default | original |" in text
+    assert "| random init, no training | baseline | default | original |" in text  # model=tiny
     assert "| converted |" not in text  # a baseline has no converted row
 
 
 @pytest.mark.slow  # the module's baseline is made by a second process
-def test_a_second_call_reuses_the_baseline_and_another_setting_is_refused(base, demo_root):
-    before = (base / "model" / "best.pth").stat().st_mtime_ns
-    baseline(baseline_cfg(demo_root, base))
-    assert (base / "model" / "best.pth").stat().st_mtime_ns == before
+def test_a_second_call_reuses_the_baseline_and_another_setting_is_refused(
+    base, demo_root, tmp_path
+):
+    evaluate(eval_cfg(base))
+    out = base / "infer_output" / "best" / "demo"
+    kept = {
+        p: p.stat().st_mtime_ns for p in [base / "model" / "best.pth", out / "eval_result.json"]
+    }
+    baseline(baseline_cfg(demo_root, base))  # the same setting: nothing re-made, results kept
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
     with pytest.raises(UserError, match=r"baseline of another setting \(model.n_mode=4 there"):
         baseline(baseline_cfg(demo_root, base, "model.n_mode=5"))
+    other = generate(tmp_path / "other", n_photo=2, n_sketch=2)
+    with pytest.raises(UserError, match=r"the dataset root \S+ there, \S+/other asked"):
+        baseline(
+            compose_config(
+                "config-baseline", [*BASE[:2], f"dataset.root={other}", f"path={base}", *BASE[2:]]
+            )
+        )
+    with pytest.raises(UserError, match="is a pretrained-CLIP baseline .* not a training run"):
+        resume_config(base)
 
 
 def test_a_trained_run_or_a_users_folder_is_never_written(demo_root, tmp_path):
@@ -179,3 +190,26 @@ def test_the_report_shows_each_sketchs_own_photo_and_its_rank(base):
     assert len(shown) == len(ranks) > 0  # every paired sketch, with the rank evaluate.py found
     assert all(ranks[q][0] == int(r) for q, r in shown)
     assert "Fine-grained: each sketch's own photo" in page and "converted: n/a" in page
+
+
+def test_a_start_killed_before_best_pth_is_completed_by_the_next(demo_root, tmp_path):
+    """A kill -9 leaves the marker (and maybe config.yaml); the rerun completes the baseline. A
+    live holder is named; a train.py run without best.pth is never touched."""
+    path = tmp_path / "k"
+    path.mkdir()
+    (path / MARKER).write_text('{"pid": 999999}')
+    holder = RunFolder(path).claim(resume=True)  # another process making this baseline now
+    with pytest.raises(UserError, match="is in use by process"):
+        baseline(baseline_cfg(demo_root, path))
+    holder.release()
+    (path / "config.yaml").write_text("baseline: true\nmodel: {backbone: ma-t")  # cut by the kill
+    baseline(baseline_cfg(demo_root, path))
+    assert load_torch(path / "model" / "best.pth")["selected_by"] == "baseline"
+    assert (path / "infer_output" / "best" / "demo" / "index.csv").is_file()
+    trained = tmp_path / "t"
+    trained.mkdir()
+    (trained / MARKER).write_text("{}")
+    (trained / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(UserError, match="is a run of train.py without model/best.pth"):
+        baseline(baseline_cfg(demo_root, trained))
+    assert sorted(p.name for p in trained.iterdir()) == [MARKER, "config.yaml"]
