@@ -113,6 +113,7 @@ def test_draw_and_search_in_a_real_browser(app):
     assert [caption_path(c) for c in captions] == [h.path for h in hits]
 
 
+@pytest.mark.slow
 def test_gradio_client_words_upload_and_empty_canvas(app, demo_root):
     from gradio_client import Client, handle_file
 

@@ -190,6 +190,7 @@ def folder_run(tmp_path_factory, demo_root):
     return run, data
 
 
+@pytest.mark.slow
 def test_a_test_split_that_shares_classes_with_training_is_refused_or_labelled(folder_run):
     run, data = folder_run
     (data / "unseen.txt").write_text("kite\napple\n")  # apple was a training class

@@ -35,6 +35,7 @@ def test_an_unknown_backbone_is_one_clear_error():
         transforms("ViT-Q-99")
 
 
+@pytest.mark.slow
 def test_data_cache_with_the_default_model_needs_no_weights_and_no_network(demo_root, tmp_path):
     empty = tmp_path / "home"  # no open_clip / Hugging Face cache: any weight read would fail
     env = dict(

@@ -76,6 +76,7 @@ def test_infer_on_run_without_checkpoint(tmp_path):
     assert not (tmp_path / "infer_output").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_without_infer_output(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "config.yaml").write_text("dataset: {test_idx: 2}\n")

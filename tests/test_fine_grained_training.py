@@ -87,6 +87,7 @@ def test_ranks_take_disjoint_whole_batches():
     assert not set(parts[0]) & set(parts[1])
 
 
+@pytest.mark.slow
 def test_a_categorical_run_is_unchanged(tiny_train_cfg, tmp_path):
     """fg_ratio=0 (the default) trains exactly as before fine-grained training existed: the
     sum of the weights after this 1-epoch run, recorded on the code before it (2026-12-07)."""
@@ -97,6 +98,7 @@ def test_a_categorical_run_is_unchanged(tiny_train_cfg, tmp_path):
     assert total == pytest.approx(3316.7189798746126, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_fine_grained_training_runs_and_logs_its_loss(tiny_train_cfg, tmp_path):
     run = tmp_path / "run"
     train(tiny_train_cfg("train.fg_ratio=1.0", "train.fg_shuffle_ratio=0.5"), run)

@@ -154,6 +154,7 @@ class Killed(BaseException):
     """Stands for a kill -9: nothing after it runs in the training loop."""
 
 
+@pytest.mark.slow
 def test_a_kill_between_last_and_best_loses_no_best(tmp_path, tiny_train_cfg, monkeypatch):
     run = tmp_path / "run"
     real = pipeline_train.save_checkpoint
@@ -178,6 +179,7 @@ def test_a_kill_between_last_and_best_loses_no_best(tmp_path, tiny_train_cfg, mo
     assert "best.pth of epoch 1 was not written" in (run / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_a_finished_best_is_not_rewritten_on_resume(tmp_path, tiny_train_cfg):
     run = tmp_path / "run"
     train(tiny_train_cfg("train.epochs=1"), run)
@@ -212,6 +214,7 @@ def test_torchs_own_form_of_a_full_disk_is_disk_full(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["last.pth"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_the_first_checkpoint_keeps_the_runs_log(
     tmp_path, tiny_train_cfg, monkeypatch
 ):

@@ -242,6 +242,7 @@ def test_sigterm_while_a_run_is_set_up_leaves_nothing(tmp_path, tiny_train_cfg, 
     assert stop.value.code == 128 + signal.SIGTERM and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_resume_ignores_group_choices_and_names_a_broken_config(tmp_path, tiny_train_cfg):
     run = tmp_path / "run"
     train(tiny_train_cfg(), run)
@@ -319,6 +320,7 @@ def test_infer_never_generates_a_demo_at_a_mistyped_root(tmp_path, demo_root):
     assert str(ok.root) == str(demo_root)
 
 
+@pytest.mark.slow
 def test_infer_with_model_n_mode_is_one_line(tmp_path):
     infer = str(REPO / "infer.py")
     r = subprocess.run(

@@ -107,6 +107,7 @@ def test_text_and_converted_queries(run, gallery):
     assert not np.allclose(z["converted"], z["original"], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_index_updates_only_new_and_changed_files_and_drops_deleted(
     run, gallery, tmp_path, demo_root
 ):
@@ -130,6 +131,7 @@ def test_index_updates_only_new_and_changed_files_and_drops_deleted(
     assert index(s, folder)[1] == 0  # nothing changed: nothing embedded
 
 
+@pytest.mark.slow
 def test_interrupted_build_resumes_where_it_stopped(run, gallery, tmp_path):
     s = Searcher(search_cfg(run, gallery), progress=False)
     with pytest.raises(KeyboardInterrupt):
@@ -142,6 +144,7 @@ def test_interrupted_build_resumes_where_it_stopped(run, gallery, tmp_path):
     assert all(np.allclose(v, full[p], atol=1e-6) for p, v in zip(g.paths, g.vectors))
 
 
+@pytest.mark.slow
 def test_new_checkpoint_rebuilds(run, gallery, tmp_path):
     s = Searcher(search_cfg(run, gallery), progress=False)
     index(s, tmp_path / "idx")
@@ -150,6 +153,7 @@ def test_new_checkpoint_rebuilds(run, gallery, tmp_path):
     assert n == 24 and len(g.paths) == 24
 
 
+@pytest.mark.slow
 def test_second_indexer_gets_a_clear_error_and_the_index_stays_whole(run, gallery, tmp_path):
     s = Searcher(search_cfg(run, gallery), progress=False)
     folder = tmp_path / "idx"

@@ -19,6 +19,7 @@ def test_gradient_accumulation_takes_one_step_per_accum_batches(tmp_path, tiny_t
     assert plain["history"][0]["step"] == 16 and accum["history"][0]["step"] == 8
 
 
+@pytest.mark.slow
 def test_nonfinite_batches_are_skipped_and_counted(tmp_path, tiny_train_cfg, monkeypatch):
     from model.loss import ModalityAwareLoss
 
@@ -93,6 +94,7 @@ def test_test_loss_selection_is_the_authors_and_is_labelled(tmp_path, tiny_train
     assert out["checkpoint_chosen_on_test_data"] is True and out["inference"]["epoch"] == 3
 
 
+@pytest.mark.slow
 def test_split_loss_is_the_mean_of_the_batch_losses_in_eval_mode(tiny_train_cfg, demo_root):
     from data.index import make_splits
     from data.loader import open_image
