@@ -130,7 +130,9 @@ def test_visual_report_lists_sampled_queries_and_existing_images(trained_run):
     result = json.loads((out / "eval_result.json").read_text())
     assert set(queries) <= set(result["top10_retrieved"])
     images = re.findall(r"src='([^']+)'", page)
-    assert len(images) == 5 * 2 * 11
+    paired = [q for q in queries if q in result["fine_grained"]["own_photo_rank"]]
+    assert page.count("own photo:") == len(paired)  # each paired sketch shows its own photo
+    assert len(images) == 5 * 2 * 11 + len(paired)
     assert all((out / src).is_file() for src in images)
     assert page.count("class='ok'") + page.count("class='no'") == 5 * 2 * 10
     from PIL import Image
