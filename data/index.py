@@ -22,6 +22,7 @@ from data.layouts import (
 )
 from data.loader import unreadable
 from data.pairs import add_pairs
+from runs.folder import is_baseline
 from runtime.errors import UserError
 from runtime.logs import log
 from config.schema import dataset_defaults
@@ -245,7 +246,7 @@ def class_overlap(train_cfg, classes):
 
 def check_zero_shot(train_cfg, classes, allow, where):
     """Refuse test classes the run trained on, or (allow_class_overlap=true) name them."""
-    if train_cfg.get("baseline"):  # the pretrained backbone, trained on no class here
+    if is_baseline(train_cfg):  # the pretrained backbone, trained on no class here
         return []
     if not (train_cfg.get("run") or {}).get("train_classes"):
         log.warning(

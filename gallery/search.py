@@ -19,7 +19,7 @@ from data.image import ImageUnreadable, read_image, to_rgb
 from gallery.ann import gallery_ann, top_k
 from gallery.index import index_folder, update_index
 from runtime.io import save_text
-from runs.folder import RunFolder
+from runs.folder import RunFolder, is_baseline
 from runtime.device import autocast, pick_device
 from runtime.errors import UserError
 from runtime.logs import log, setup_logging
@@ -86,7 +86,7 @@ class Searcher:
         train_cfg = OmegaConf.create(ckpt["config"])
         # a pretrained-CLIP baseline (infer.py baseline=true): its mode vectors are untrained, so
         # every query is searched with its original embedding
-        self.baseline = bool(train_cfg.get("baseline"))
+        self.baseline = is_baseline(train_cfg)
         if self.baseline and cfg.query_mode == "converted":
             log.info(
                 f"{run} is a pretrained-CLIP baseline: its mode vectors are untrained, so queries "

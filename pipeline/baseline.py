@@ -17,7 +17,7 @@ from data.index import make_splits
 from data.layouts import output_key, resolve_name
 from model.backbone import build_model
 from model.checkpoint import load_checkpoint, save_checkpoint
-from runs.folder import RunFolder
+from runs.folder import RunFolder, is_baseline
 from runtime.device import seed_everything
 from runtime.errors import UserError
 from runtime.io import save_text
@@ -30,11 +30,6 @@ CONVERTED_NULL_REASON = (
 )
 # the settings a baseline folder is made for; another value needs another folder
 IDENTITY = ("model.backbone", "model.pretrained", "model.n_mode", "dataset.test_idx")
-
-
-def is_baseline(train_cfg):
-    """True for the config of a baseline run (config.yaml or a checkpoint's config)."""
-    return bool(OmegaConf.select(OmegaConf.create(train_cfg), "baseline", default=False))
 
 
 def default_folder(cfg):

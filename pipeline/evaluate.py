@@ -16,10 +16,10 @@ from data.pairs import NAMING_RULE
 from metrics.engine import per_class, retrieval_metrics, summarize
 from metrics.fine_grained import fine_grained
 from metrics.report import write_report
-from pipeline.baseline import CONVERTED_NULL_REASON, is_baseline
+from pipeline.baseline import CONVERTED_NULL_REASON
 from runtime.io import load_torch, save_json
 from config.entry import prepare
-from runs.folder import InferOutput, find_run
+from runs.folder import InferOutput, find_run, is_baseline
 from runtime.device import pick_device
 from runtime.errors import UserError
 from runtime.logs import log, setup_logging

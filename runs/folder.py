@@ -221,6 +221,12 @@ class RunFolder:
             remove_empty_run_folder(self.path)
 
 
+def is_baseline(cfg):
+    """True for the config of a pretrained-CLIP baseline (infer.py baseline=true): config.yaml or
+    a checkpoint's config."""
+    return bool(OmegaConf.select(OmegaConf.create(cfg), "baseline", default=False))
+
+
 def made_by_this_process(folder):
     """True when the folder does not exist yet, or is empty and was made after this process
     started (Hydra makes the run folder just before calling train.py's main)."""
@@ -300,7 +306,7 @@ def resume_config(run_dir, overrides=()):
             f"cannot resume: {run.config} does not parse ({str(e).splitlines()[0]}). Restore it "
             f"from .hydra/config.yaml in the same folder, or start a new run."
         ) from None
-    if saved.get("baseline"):
+    if is_baseline(saved):
         raise UserError(
             f"cannot resume {run.path}: it is a pretrained-CLIP baseline (infer.py baseline=true), "
             f"not a training run. Train a new run (python train.py ...); evaluate.py and search.py "
