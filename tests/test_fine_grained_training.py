@@ -28,6 +28,21 @@ def test_the_triplet_by_hand():
     assert float(instance_triplet(z, anchors, positives, negatives, margin=0.1)) == 0.0
 
 
+def test_the_batch_all_warm_up_triplet_by_hand():
+    # rows: photo A (instance 0), photos B (1) and C (2) of its class, the sketch of A
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.6]])
+    anchors, positives, negatives = triplets(
+        torch.tensor([0, 1, 2, 0]), torch.tensor([5, 5, 5, 5]), torch.tensor([0, 0, 0, 1])
+    )
+    assert anchors.tolist() == [3] and negatives.tolist() == [[False, True, True, False]]
+    # d(a, A) = 0.2, d(a, B) = 1 - 0.6 = 0.4, d(a, C) = 1 - 0.96 = 0.04, margin 0.3:
+    # batch-hard relu(0.2 - 0.04 + 0.3) = 0.46; batch-all (relu(0.1) + relu(0.46)) / 2 = 0.28
+    hard = instance_triplet(z, anchors, positives, negatives, margin=0.3)
+    assert float(hard) == pytest.approx(0.46)
+    every = instance_triplet(z, anchors, positives, negatives, margin=0.3, hard=False)
+    assert float(every) == pytest.approx(0.28)
+
+
 def test_anchors_need_their_photo_and_a_negative_in_the_batch():
     instance = torch.tensor([0, 0, 1, -1])  # photo 0, its sketch, a sketch whose photo is absent
     labels = torch.tensor([1, 1, 1, 1])
