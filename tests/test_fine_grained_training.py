@@ -1,6 +1,7 @@
 """Fine-grained training (train.fg_ratio): the instance losses by hand, the class-batch sampler,
 categorical runs unchanged, and its refusals."""
 
+from collections import Counter
 import math
 
 import pytest
@@ -81,7 +82,8 @@ def test_the_class_batch_sampler_keeps_pairs_and_classes_together():
     order = list(s)
     assert sorted(order) == list(range(len(classes)))  # every row once an epoch
     batches = [order[i : i + 11] for i in range(0, len(order), 11)]
-    assert max(len({classes[i] for i in b}) for b in batches) <= 2
+    of_pairs = [b for b in batches if min(instance[i] for i in b) >= 0]
+    assert of_pairs and max(len({classes[i] for i in b}) for b in of_pairs) <= 2
     together = sum(
         1
         for b in batches
@@ -93,6 +95,29 @@ def test_the_class_batch_sampler_keeps_pairs_and_classes_together():
     assert list(s) != order and sorted(s) == sorted(order)
     s.set_epoch(1, start=5)
     assert list(s) == s.epoch_order()[5:] and len(s) == len(classes) - 5
+
+
+def test_a_batch_of_pairs_holds_no_lone_rows():
+    """Free sketches and photos without a sketch give the triplet no anchor: they get batches of
+    their own, so a batch of pairs is all anchors, positives and negatives (issue 21 point 4)."""
+    classes, instance = [], []
+    for c in range(4):  # per class 8 photos with 1 sketch each, 8 free sketches, 4 lone photos
+        for p in range(8):
+            classes += [f"c{c}"] * 2
+            instance += [c * 100 + p] * 2
+        classes += [f"c{c}"] * 12
+        instance += [-1] * 8 + [c * 100 + 50 + k for k in range(4)]
+    s = ClassBatchSampler(classes, instance, batch_size=16, classes_per_batch=2, seed=0)
+    order = s.epoch_order()
+    assert sorted(order) == list(range(len(classes)))
+    paired = {i for i, k in enumerate(instance) if instance.count(k) == 2}
+    batches = [order[i : i + 16] for i in range(0, len(order), 16)]
+    kinds = [{i in paired for i in b} for b in batches]
+    assert kinds.count({True}) == 4 and kinds.count({False}) == 3  # 64 paired, 48 lone rows
+    for b in batches:
+        if {i in paired for i in b} == {True}:  # 2 classes, 4 photos each with its sketch
+            assert sorted(Counter(classes[i] for i in b).values()) == [8, 8]
+            assert all(Counter(instance[i] for i in b)[instance[i]] == 2 for i in b)
 
 
 def test_ranks_take_disjoint_whole_batches():
