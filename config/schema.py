@@ -140,6 +140,8 @@ class TrainSection:
     fg_margin: float = setting(0.3, number(0, 2, lo_open=True))  # on 1 - cos
     fg_shuffle_ratio: float = setting(0.0, number(0))  # the 2x2 patch-shuffle triplet's weight
     fg_classes_per_batch: int = setting(1, integer(1, 100_000))  # classes a batch holds
+    # epochs of batch-all negatives (mean over a class's other photos) before batch-hard ones
+    fg_hard_from_epoch: int = setting(0, integer(0, 100_000))
     gradient_accumulation_steps: Optional[int] = alias()  # = accum_steps
     log_every_step: Optional[int] = alias()  # = log_every
     eval_every_epoch: Optional[int] = alias()  # = eval_every

@@ -33,12 +33,17 @@ def triplets(instance, labels, image_mode):
     return anchors, positives, neg[anchors]
 
 
-def instance_triplet(z, anchors, positives, negatives, margin):
-    """mean relu(d(a, p) - min_n d(a, n) + margin), d = 1 - cos, over the anchors (0 if none)."""
+def instance_triplet(z, anchors, positives, negatives, margin, hard=True):
+    """mean relu(d(a, p) - min_n d(a, n) + margin), d = 1 - cos, over the anchors (0 if none).
+    hard=False (batch-all, the warm-up of train.fg_hard_from_epoch): per anchor the mean of
+    relu(d(a, p) - d(a, n) + margin) over all its negatives instead of the nearest one."""
     if anchors.numel() == 0:
         return z.sum() * 0  # keeps every parameter in the graph (DDP)
     d = 1 - z[anchors] @ z.T  # z is L2-normalised
     d_ap = d.gather(1, positives[:, None])[:, 0]
+    if not hard:
+        each = F.relu(d_ap[:, None] - d + margin) * negatives
+        return (each.sum(1) / negatives.sum(1)).mean()
     d_an = d.masked_fill(~negatives, float("inf")).amin(1)
     return F.relu(d_ap - d_an + margin).mean()
 

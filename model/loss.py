@@ -28,6 +28,7 @@ class ModalityAwareLoss:
         self.gather = gather
         self.fg_ratio, self.fg_margin = float(fg_ratio), float(fg_margin)
         self.fg_shuffle_ratio = float(fg_shuffle_ratio)
+        self.fg_hard = True  # batch-hard negatives; False: batch-all (train.fg_hard_from_epoch)
 
     def __call__(self, model, z_img, z_txt, image_mode, text_mode, fg=None):
         """(total, losses) of L2-normalised z_img, z_txt [B, d] whose rows have the modes image_mode
@@ -63,7 +64,7 @@ class ModalityAwareLoss:
             anchors, positives, negatives = triplets(fg["instance"], fg["labels"], image_mode)
             if self.fg_ratio > 0:
                 losses["fg"] = instance_triplet(
-                    z_img, anchors, positives, negatives, self.fg_margin
+                    z_img, anchors, positives, negatives, self.fg_margin, self.fg_hard
                 )
                 total = total + self.fg_ratio * losses["fg"]
             if self.fg_shuffle_ratio > 0:

@@ -288,6 +288,7 @@ class Trainer:
         self.model.train()
         first = p.batch_in_epoch
         self.dataset.epoch = p.epoch
+        self.loss.fg_hard = p.epoch >= int(cfg.train.fg_hard_from_epoch)
         self.sampler.set_epoch(p.epoch, start=first * int(cfg.train.batch_size))
         self.running, self.epoch_start = math.nan, time.time()
         bar = tqdm(

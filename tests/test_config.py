@@ -57,6 +57,11 @@ def composed(kind, *overrides):
             "train.fg_classes_per_batch=0",
             "train.fg_classes_per_batch=0 must be a whole number from 1",
         ),
+        (
+            "train",
+            "train.fg_hard_from_epoch=-1",
+            "train.fg_hard_from_epoch=-1 must be a whole number from 0",
+        ),
         ("infer", "mode=nonsense", "mode='nonsense' must be one of best, last"),
         ("infer", "batch_size=0", "batch_size=0 must be a whole number from 1"),
         ("eval", "eval.chunk_size=0", "eval.chunk_size=0 must be a whole number from 1"),

@@ -1,6 +1,7 @@
 """Fine-grained training (train.fg_ratio): the instance losses by hand, the class-batch sampler,
 categorical runs unchanged, and its refusals."""
 
+from collections import Counter
 import math
 
 import pytest
@@ -26,6 +27,21 @@ def test_the_triplet_by_hand():
     loss = instance_triplet(z, anchors, positives, negatives, margin=0.3)
     assert float(loss) == pytest.approx(0.1)
     assert float(instance_triplet(z, anchors, positives, negatives, margin=0.1)) == 0.0
+
+
+def test_the_batch_all_warm_up_triplet_by_hand():
+    # rows: photo A (instance 0), photos B (1) and C (2) of its class, the sketch of A
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.6]])
+    anchors, positives, negatives = triplets(
+        torch.tensor([0, 1, 2, 0]), torch.tensor([5, 5, 5, 5]), torch.tensor([0, 0, 0, 1])
+    )
+    assert anchors.tolist() == [3] and negatives.tolist() == [[False, True, True, False]]
+    # d(a, A) = 0.2, d(a, B) = 1 - 0.6 = 0.4, d(a, C) = 1 - 0.96 = 0.04, margin 0.3:
+    # batch-hard relu(0.2 - 0.04 + 0.3) = 0.46; batch-all (relu(0.1) + relu(0.46)) / 2 = 0.28
+    hard = instance_triplet(z, anchors, positives, negatives, margin=0.3)
+    assert float(hard) == pytest.approx(0.46)
+    every = instance_triplet(z, anchors, positives, negatives, margin=0.3, hard=False)
+    assert float(every) == pytest.approx(0.28)
 
 
 def test_anchors_need_their_photo_and_a_negative_in_the_batch():
@@ -66,7 +82,8 @@ def test_the_class_batch_sampler_keeps_pairs_and_classes_together():
     order = list(s)
     assert sorted(order) == list(range(len(classes)))  # every row once an epoch
     batches = [order[i : i + 11] for i in range(0, len(order), 11)]
-    assert max(len({classes[i] for i in b}) for b in batches) <= 2
+    of_pairs = [b for b in batches if min(instance[i] for i in b) >= 0]
+    assert of_pairs and max(len({classes[i] for i in b}) for b in of_pairs) <= 2
     together = sum(
         1
         for b in batches
@@ -78,6 +95,29 @@ def test_the_class_batch_sampler_keeps_pairs_and_classes_together():
     assert list(s) != order and sorted(s) == sorted(order)
     s.set_epoch(1, start=5)
     assert list(s) == s.epoch_order()[5:] and len(s) == len(classes) - 5
+
+
+def test_a_batch_of_pairs_holds_no_lone_rows():
+    """Free sketches and photos without a sketch give the triplet no anchor: they get batches of
+    their own, so a batch of pairs is all anchors, positives and negatives (issue 21 point 4)."""
+    classes, instance = [], []
+    for c in range(4):  # per class 8 photos with 1 sketch each, 8 free sketches, 4 lone photos
+        for p in range(8):
+            classes += [f"c{c}"] * 2
+            instance += [c * 100 + p] * 2
+        classes += [f"c{c}"] * 12
+        instance += [-1] * 8 + [c * 100 + 50 + k for k in range(4)]
+    s = ClassBatchSampler(classes, instance, batch_size=16, classes_per_batch=2, seed=0)
+    order = s.epoch_order()
+    assert sorted(order) == list(range(len(classes)))
+    paired = {i for i, k in enumerate(instance) if instance.count(k) == 2}
+    batches = [order[i : i + 16] for i in range(0, len(order), 16)]
+    kinds = [{i in paired for i in b} for b in batches]
+    assert kinds.count({True}) == 4 and kinds.count({False}) == 3  # 64 paired, 48 lone rows
+    for b in batches:
+        if {i in paired for i in b} == {True}:  # 2 classes, 4 photos each with its sketch
+            assert sorted(Counter(classes[i] for i in b).values()) == [8, 8]
+            assert all(Counter(instance[i] for i in b)[instance[i]] == 2 for i in b)
 
 
 def test_ranks_take_disjoint_whole_batches():
