@@ -5,9 +5,10 @@ python -m benchmarks.fine_grained_probe [--root .cache/demo] [--lr 5e-4] [--epoc
 
 No categorical losses, no train.py: each step takes 2 training classes, --per-class of their
 paired photos with the sketch drawn from each, and minimises model/instance_loss.py's triplet
-(batch-all negatives, or batch-hard with --hard; margin 0.3) with AdamW. Every 2 epochs it prints
-the class-gallery Acc@1 (eval mode) on 8 training classes and on the unseen ones, and in brackets
-the mean 1 - cos between a class's photos (0: a collapsed embedding). Chance is 1 / n_paired.
+(batch-all negatives, or batch-hard with --hard; margin 0.3) with AdamW. Every 2 epochs it
+prints the class-gallery Acc@1 (eval mode; ties count against the query, as in evaluate.py) on 8
+training classes and on the unseen ones, and in brackets the mean 1 - cos between a class's
+photos (0: a collapsed embedding). Chance is 1 / n_paired.
 """
 
 import argparse
@@ -19,18 +20,17 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from benchmarks.fine_grained_seen import instance_check, pair_paths
 from data.demo import DEFAULT_ROOT
 from model.backbone import build_model
 from model.instance_loss import instance_triplet, triplets
 
 
 def load(root, cls, n, tf):
-    """(photos, sketches) of a class's n paired photos, row i of each the same instance."""
-    photos = [root / "photo" / cls / f"{cls}_{i:03d}.jpg" for i in range(n)]
-    sketches = [root / "sketch" / cls / f"{cls}_{i:03d}-1.png" for i in range(n)]
+    """(photos, sketches) of a class's n paired photos as image tensors, row i the same instance."""
     return tuple(
         torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
-        for paths in (photos, sketches)
+        for paths in pair_paths(root, cls, n)
     )
 
 
@@ -40,11 +40,9 @@ def accuracy(model, data, classes):
     hits, spread = [], []
     with torch.no_grad():
         for cls in classes:
-            photos, sketches = data[cls]
-            zp, zs = model.encode_image(photos), model.encode_image(sketches)
-            n = len(zp)
-            hits.append(((zs @ zp.T).argmax(1) == torch.arange(n)).float().mean().item())
-            spread.append(((1 - zp @ zp.T).sum() / (n * (n - 1))).item())
+            h, s = instance_check(*(model.encode_image(x) for x in data[cls]))
+            hits += h
+            spread.append(s)
     model.train()
     return np.mean(hits), np.mean(spread)
 

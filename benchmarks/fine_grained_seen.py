@@ -22,17 +22,29 @@ from metrics.fine_grained import own_photo_ranks
 from model.backbone import build_model
 
 
+def pair_paths(root, cls, n):
+    """(photos, sketches) of a class's first n paired photos, entry i of each the same instance."""
+    photos = [root / "photo" / cls / f"{cls}_{i:03d}.jpg" for i in range(n)]
+    sketches = [root / "sketch" / cls / f"{cls}_{i:03d}-1.png" for i in range(n)]
+    return photos, sketches
+
+
+def instance_check(photos, sketches):
+    """(per sketch: is its own photo first, mean 1 - cos between the photos) of L2-normalised
+    embeddings [n, d], row i of each the same instance."""
+    n = len(photos)
+    ranks = own_photo_ranks(sketches, photos, np.arange(n))
+    spread = (1 - photos @ photos.T).sum().item() / (n * (n - 1))
+    return (ranks == 1).tolist(), spread
+
+
 def class_check(model, tf, root, cls, n):
     def embed(paths):
         with torch.no_grad():
             x = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])
             return model.encode_image(x)
 
-    photos = embed([root / "photo" / cls / f"{cls}_{i:03d}.jpg" for i in range(n)])
-    sketches = embed([root / "sketch" / cls / f"{cls}_{i:03d}-1.png" for i in range(n)])
-    ranks = own_photo_ranks(sketches, photos, np.arange(n))
-    spread = (1 - photos @ photos.T).sum().item() / (n * (n - 1))
-    return (ranks == 1).tolist(), spread
+    return instance_check(*(embed(paths) for paths in pair_paths(root, cls, n)))
 
 
 def main():

@@ -50,7 +50,6 @@ class ClassBatchSampler(torch.utils.data.Sampler):
                 by_instance.setdefault((cls, inst), []).append(i)
         for (cls, _), rows in by_instance.items():
             (self.paired if len(rows) > 1 else self.lone).setdefault(cls, []).append(rows)
-        self.n = len(classes)
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start=0):
