@@ -1,14 +1,19 @@
 """Shared helpers of the search and app tests: a tiny run folder, a small photo gallery, configs."""
 
+import os
 import shutil
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import torch
 from omegaconf import OmegaConf
 
 from model.backbone import build_model
 from pipeline.train import train
-from tests.conftest import compose_cfg
+from tests.conftest import REPO, compose_cfg
 from runtime.io import save_torch
 
 
@@ -73,3 +78,45 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_app(run, gallery, *overrides, timeout=120):
+    """app.py on a free port over `gallery`, on the CPU: (process, url, its "serving ..." line)
+    once the page answers. The caller stops the process."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "app.py",
+            f"path={run}",
+            f"gallery={gallery}",
+            "device=cpu",
+            "num_workers=0",
+            "precision=fp32",
+            f"port={port}",
+            *overrides,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    url, lines, deadline = f"http://127.0.0.1:{port}/", [], time.monotonic() + timeout
+
+    def give_up(why):
+        proc.kill()
+        raise AssertionError(f"app.py {why}: " + "".join(lines))
+
+    while not lines or "serving" not in lines[-1]:
+        lines.append(proc.stdout.readline())
+        if (not lines[-1] and proc.poll() is not None) or time.monotonic() > deadline:
+            give_up("did not come up")
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return proc, url, lines[-1]
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                give_up("does not answer")
+            time.sleep(0.3)

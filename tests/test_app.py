@@ -3,16 +3,13 @@ Search) and through gradio_client; results must match the search library on the 
 
 import os
 import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
 from PIL import Image
 
 from gallery.search import Searcher, search
 from tests.conftest import REPO
-from tests.search_fixtures import free_port, make_gallery, search_cfg, trained_run
+from tests.search_fixtures import make_gallery, search_cfg, start_app, trained_run
 
 CHROMIUM = "/usr/bin/chromium"
 K = 5
@@ -24,35 +21,9 @@ def app(tmp_path_factory, demo_root):
     run = trained_run(tmp / "run", demo_root)
     gallery = make_gallery(tmp / "photos", demo_root)
     (gallery / "broken.jpg").write_bytes(b"not a jpeg")
-    port = free_port()
-    args = [f"path={run}", f"gallery={gallery}", "device=cpu", "num_workers=0", "precision=fp32"]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "app.py",
-            *args,
-            f"port={port}",
-            f"k={K}",
-            f"save_queries={tmp / 'queries'}",
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"app.py did not come up: {proc.stdout.read()}")
-            time.sleep(0.5)
-    library = Searcher(search_cfg(run, gallery, *args[2:], name="config-app"), progress=False)
+    args = ["device=cpu", "num_workers=0", "precision=fp32"]
+    proc, url, _ = start_app(run, gallery, f"k={K}", f"save_queries={tmp / 'queries'}")
+    library = Searcher(search_cfg(run, gallery, *args, name="config-app"), progress=False)
     yield dict(url=url, library=library, queries=tmp / "queries", tmp=tmp, run=run, gallery=gallery)
     proc.terminate()
     proc.wait(timeout=30)

@@ -4,9 +4,6 @@ removed with the app's own temporary folder when it stops."""
 
 import os
 import re
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -14,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from tests.search_fixtures import free_port, make_gallery, random_run
+from tests.search_fixtures import make_gallery, random_run, start_app
 
 pytestmark = pytest.mark.slow  # starts app.py in a process of its own
 
@@ -28,46 +24,11 @@ def app(tmp_path_factory, demo_root):
     (gallery / "notes.txt").write_text("secret notes\n")
     (gallery / ".git").mkdir()
     (gallery / ".git" / "config").write_text("[core] secret\n")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "app.py",
-            f"path={run}",
-            f"gallery={gallery}",
-            "device=cpu",
-            "num_workers=0",
-            "precision=fp32",
-            f"port={port}",
-            "max_upload_mb=1",
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    proc, url, serving = start_app(run, gallery, "max_upload_mb=1")
+    own = Path(re.search(r"thumbnails in (\S+),", serving).group(1))
+    yield dict(
+        url=url, port=int(url.rsplit(":", 1)[1].strip("/")), gallery=gallery, proc=proc, own=own
     )
-    url = f"http://127.0.0.1:{port}/"
-    lines, deadline = [], time.monotonic() + 120
-    while True:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if "serving" in line:
-            break
-        if (not line and proc.poll() is not None) or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail("app.py did not come up: " + "".join(lines))
-    own = Path(re.search(r"thumbnails in (\S+),", line).group(1))
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("app.py does not answer")
-            time.sleep(0.3)
-    yield dict(url=url, port=port, gallery=gallery, proc=proc, own=own)
     if proc.poll() is None:
         proc.terminate()
         proc.wait(timeout=30)
