@@ -21,9 +21,8 @@ def app(tmp_path_factory, demo_root):
     run = trained_run(tmp / "run", demo_root)
     gallery = make_gallery(tmp / "photos", demo_root)
     (gallery / "broken.jpg").write_bytes(b"not a jpeg")
-    args = ["device=cpu", "num_workers=0", "precision=fp32"]
     proc, url, _ = start_app(run, gallery, f"k={K}", f"save_queries={tmp / 'queries'}")
-    library = Searcher(search_cfg(run, gallery, *args, name="config-app"), progress=False)
+    library = Searcher(search_cfg(run, gallery, name="config-app"), progress=False)
     yield dict(url=url, library=library, queries=tmp / "queries", tmp=tmp, run=run, gallery=gallery)
     proc.terminate()
     proc.wait(timeout=30)
