@@ -1,7 +1,7 @@
 """Can the tiny model learn the demo's instance matching from the fine-grained triplet alone?
 
 python -m benchmarks.fine_grained_probe [--root .cache/demo] [--lr 5e-4] [--epochs 30]
-    [--hard] [--per-class 16]
+    [--hard] [--per-class 16] [--fresh sketches|all] [--paired-affine A] [--init RUN_DIR]
 
 No categorical losses, no train.py: each step takes 2 training classes, --per-class of their
 paired photos with the sketch drawn from each, and minimises model/instance_loss.py's triplet
@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from PIL import Image
 
 from benchmarks.fine_grained_seen import instance_check, pair_paths
-from data.demo import DEFAULT_ROOT
+from data.demo import DEFAULT_ROOT, draw_photo, draw_sketch
 from model.backbone import build_model
 from model.instance_loss import instance_triplet, triplets
 
@@ -61,12 +62,61 @@ def step_batch(data, classes, per, g):
     return tuple(torch.cat(t) for t in (images, instance, labels, modes))
 
 
+def redraw(data, classes, meta, tf, what, epoch, poses):
+    """Replace the training pairs in `data` by new drawings (see --fresh); `poses` caches each
+    class's paired photo poses, replayed from the demo's own seed."""
+    n = meta["n_paired"]
+    for cls in classes:
+        k = meta["classes"].index(cls)
+        if cls not in poses:  # data/demo.py's draw_all: the first n photos of the class's stream
+            rng = np.random.default_rng([meta["seed"], k])
+            poses[cls] = [draw_photo(cls, rng, with_pose=True)[1] for _ in range(n)]
+        rng = np.random.default_rng([meta["seed"], k, 1 + epoch])
+        photos, pose = data[cls][0], poses[cls]
+        if what == "all":
+            drawn = [draw_photo(cls, rng, with_pose=True) for _ in range(n)]
+            photos, pose = torch.stack([tf(img) for img, _ in drawn]), [q for _, q in drawn]
+        data[cls] = (photos, torch.stack([tf(draw_sketch(cls, rng, pose=q)) for q in pose]))
+
+
+def paired_affine(images, instance, amount, g):
+    """One random affine per instance id, applied alike to its photo and its sketch."""
+    _, inv = torch.unique(instance, return_inverse=True)
+    k = int(inv.max()) + 1
+
+    def uniform():
+        return torch.rand(k, generator=g) * 2 - 1
+
+    angle, zoom = uniform() * 0.5 * amount, torch.exp(uniform() * 0.3 * amount)
+    flip = torch.where(torch.rand(k, generator=g) < 0.5, -1.0, 1.0)
+    tx, ty = uniform() * 0.4 * amount, uniform() * 0.4 * amount
+    c, s = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([c * flip, -s, tx], 1), torch.stack([s * flip, c, ty], 1)], 1)
+    grid = F.affine_grid(theta[inv], list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, padding_mode="border", align_corners=False)
+
+
+def report(model, data, seen, unseen, head):
+    (a_seen, s_seen), (a_unseen, s_unseen) = (
+        accuracy(model, data, seen[:8]),
+        accuracy(model, data, unseen),
+    )
+    print(
+        f"{head}, training classes Acc@1 {a_seen:.3f} ({s_seen:.4f}), unseen {a_unseen:.3f} "
+        f"({s_unseen:.4f})",
+        flush=True,
+    )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", default=str(DEFAULT_ROOT))
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--hard", action="store_true", help="batch-hard negatives (else batch-all)")
+    ap.add_argument("--fresh", choices=("sketches", "all"), help="redraw every epoch (above)")
+    ap.add_argument("--paired-affine", type=float, default=0.0, metavar="A")
+    ap.add_argument("--init", help="a run folder: start from its model/best.pth")
     ap.add_argument("--per-class", type=int, default=16, help="paired photos a class a batch")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -75,18 +125,30 @@ def main():
     n, unseen = meta["n_paired"], meta["unseen"]
     seen = [c for c in meta["classes"] if c not in unseen]
     mcfg = dict(backbone="ma-tiny", pretrained=None, max_length=None, n_mode=4, temperature=0.07)
+    ckpt = None
+    if args.init:
+        ckpt = torch.load(Path(args.init) / "model" / "best.pth", weights_only=False)
+        mcfg = dict(ckpt["config"]["model"], pretrained=None)
     model, _, tf, _ = build_model(OmegaConf.create(mcfg))
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
     data = {cls: load(root, cls, n, tf) for cls in seen + unseen}
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
-    g = torch.Generator().manual_seed(0)
+    g, poses, train_data = torch.Generator().manual_seed(0), {}, dict(data)
     print(f"{root}: chance Acc@1 {1 / n:.3f}, lr {args.lr}, {'hard' if args.hard else 'all'}")
+    if args.init:
+        report(model, data, seen, unseen, f"{args.init}'s best.pth before training")
     for epoch in range(args.epochs):
+        if args.fresh:
+            redraw(train_data, seen, meta, tf, args.fresh, epoch, poses)
         order, losses = torch.randperm(len(seen), generator=g).tolist(), []
         for k in range(0, len(order), 2):
             images, instance, labels, modes = step_batch(
-                data, [seen[j] for j in order[k : k + 2]], args.per_class, g
+                train_data, [seen[j] for j in order[k : k + 2]], args.per_class, g
             )
             anchors, positives, negatives = triplets(instance, labels, modes)
+            if args.paired_affine > 0:
+                images = paired_affine(images, instance, args.paired_affine, g)
             z = model.encode_image(images)
             loss = instance_triplet(z, anchors, positives, negatives, 0.3, hard=args.hard)
             opt.zero_grad()
@@ -94,15 +156,7 @@ def main():
             opt.step()
             losses.append(loss.item())
         if epoch % 2 == 1 or epoch == args.epochs - 1:
-            (a_seen, s_seen), (a_unseen, s_unseen) = (
-                accuracy(model, data, seen[:8]),
-                accuracy(model, data, unseen),
-            )
-            print(
-                f"epoch {epoch + 1}: loss {np.mean(losses):.4f}, training classes Acc@1 "
-                f"{a_seen:.3f} ({s_seen:.4f}), unseen {a_unseen:.3f} ({s_unseen:.4f})",
-                flush=True,
-            )
+            report(model, data, seen, unseen, f"epoch {epoch + 1}: loss {np.mean(losses):.4f}")
 
 
 if __name__ == "__main__":
