@@ -24,6 +24,8 @@ from PIL import Image
 from benchmarks.fine_grained_seen import instance_check, pair_paths
 from data.demo import DEFAULT_ROOT, draw_photo, draw_sketch
 from model.backbone import build_model
+from model.checkpoint import load_checkpoint
+from runtime.errors import run_cli
 from model.instance_loss import instance_triplet, triplets
 
 
@@ -127,7 +129,7 @@ def main():
     mcfg = dict(backbone="ma-tiny", pretrained=None, max_length=None, n_mode=4, temperature=0.07)
     ckpt = None
     if args.init:
-        ckpt = torch.load(Path(args.init) / "model" / "best.pth", weights_only=False)
+        ckpt = load_checkpoint(Path(args.init) / "model" / "best.pth")
         mcfg = dict(ckpt["config"]["model"], pretrained=None)
     model, _, tf, _ = build_model(OmegaConf.create(mcfg))
     if ckpt is not None:
@@ -160,4 +162,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -20,6 +20,8 @@ from PIL import Image
 from data.demo import DEFAULT_ROOT
 from metrics.fine_grained import own_photo_ranks
 from model.backbone import build_model
+from model.checkpoint import load_checkpoint
+from runtime.errors import run_cli
 
 
 def pair_paths(root, cls, n):
@@ -57,7 +59,7 @@ def main():
     meta = json.loads((root / "demo.json").read_text())
     n, unseen = meta["n_paired"], meta["unseen"]
     seen = [c for c in meta["classes"] if c not in unseen][: args.classes]
-    ckpt = torch.load(Path(args.run) / "model" / "best.pth", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(Path(args.run) / "model" / "best.pth")
     model, _, tf, _ = build_model(OmegaConf.create(dict(ckpt["config"]["model"], pretrained=None)))
     model.load_state_dict(ckpt["model"])
     model.eval()
@@ -75,4 +77,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -26,9 +26,7 @@ def app(tmp_path_factory, demo_root):
     (gallery / ".git" / "config").write_text("[core] secret\n")
     proc, url, serving = start_app(run, gallery, "max_upload_mb=1")
     own = Path(re.search(r"thumbnails in (\S+),", serving).group(1))
-    yield dict(
-        url=url, port=int(url.rsplit(":", 1)[1].strip("/")), gallery=gallery, proc=proc, own=own
-    )
+    yield dict(url=url, port=urllib.parse.urlsplit(url).port, gallery=gallery, proc=proc, own=own)
     if proc.poll() is None:
         proc.terminate()
         proc.wait(timeout=30)
