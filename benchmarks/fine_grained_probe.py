@@ -2,13 +2,16 @@
 
 python -m benchmarks.fine_grained_probe [--root .cache/demo] [--lr 5e-4] [--epochs 30]
     [--hard] [--per-class 16] [--fresh sketches|all] [--paired-affine A] [--init RUN_DIR]
+    [--shuffle W] [--eval-pairs N]
 
 No categorical losses, no train.py: each step takes 2 training classes, --per-class of their
 paired photos with the sketch drawn from each, and minimises model/instance_loss.py's triplet
 (batch-all negatives, or batch-hard with --hard; margin 0.3) with AdamW. Every 2 epochs it
 prints the class-gallery Acc@1 (eval mode; ties count against the query, as in evaluate.py) on 8
 training classes and on the unseen ones, and in brackets the mean 1 - cos between a class's
-photos (0: a collapsed embedding). Chance is 1 / n_paired.
+photos (0: a collapsed embedding). Chance is 1 / n_paired, or 1 / N with --eval-pairs N (a
+class's first N pairs scored: the same gallery size on demos of more pairs, data.demo --n-photo).
+--shuffle W adds the patch-shuffle triplet (train.fg_shuffle_ratio) with weight W.
 """
 
 import argparse
@@ -26,7 +29,7 @@ from data.demo import DEFAULT_ROOT, draw_photo, draw_sketch
 from model.backbone import build_model
 from model.checkpoint import load_checkpoint
 from runtime.errors import run_cli
-from model.instance_loss import instance_triplet, triplets
+from model.instance_loss import instance_triplet, patch_shuffle_triplet, triplets
 
 
 def load(root, cls, n, tf):
@@ -67,16 +70,16 @@ def step_batch(data, classes, per, g):
 def redraw(data, classes, meta, tf, what, epoch, poses):
     """Replace the training pairs in `data` by new drawings (see --fresh); `poses` caches each
     class's paired photo poses, replayed from the demo's own seed."""
-    n = meta["n_paired"]
+    n, placing = meta["n_paired"], meta.get("poses", "v2")
     for cls in classes:
         k = meta["classes"].index(cls)
         if cls not in poses:  # data/demo.py's draw_all: the first n photos of the class's stream
             rng = np.random.default_rng([meta["seed"], k])
-            poses[cls] = [draw_photo(cls, rng, with_pose=True)[1] for _ in range(n)]
+            poses[cls] = [draw_photo(cls, rng, True, placing)[1] for _ in range(n)]
         rng = np.random.default_rng([meta["seed"], k, 1 + epoch])
         photos, pose = data[cls][0], poses[cls]
         if what == "all":
-            drawn = [draw_photo(cls, rng, with_pose=True) for _ in range(n)]
+            drawn = [draw_photo(cls, rng, True, placing) for _ in range(n)]
             photos, pose = torch.stack([tf(img) for img, _ in drawn]), [q for _, q in drawn]
         data[cls] = (photos, torch.stack([tf(draw_sketch(cls, rng, pose=q)) for q in pose]))
 
@@ -118,6 +121,10 @@ def main():
     ap.add_argument("--hard", action="store_true", help="batch-hard negatives (else batch-all)")
     ap.add_argument("--fresh", choices=("sketches", "all"), help="redraw every epoch (above)")
     ap.add_argument("--paired-affine", type=float, default=0.0, metavar="A")
+    ap.add_argument("--shuffle", type=float, default=0.0, metavar="W", help="patch-shuffle weight")
+    ap.add_argument(
+        "--eval-pairs", type=int, metavar="N", help="score on a class's first N pairs only"
+    )
     ap.add_argument("--init", help="a run folder: start from its model/best.pth")
     ap.add_argument("--per-class", type=int, default=16, help="paired photos a class a batch")
     args = ap.parse_args()
@@ -135,11 +142,13 @@ def main():
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     data = {cls: load(root, cls, n, tf) for cls in seen + unseen}
+    score = {cls: tuple(x[: args.eval_pairs or n] for x in data[cls]) for cls in data}
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     g, poses, train_data = torch.Generator().manual_seed(0), {}, dict(data)
-    print(f"{root}: chance Acc@1 {1 / n:.3f}, lr {args.lr}, {'hard' if args.hard else 'all'}")
+    chance = 1 / min(n, args.eval_pairs or n)
+    print(f"{root}: chance Acc@1 {chance:.3f}, lr {args.lr}, {'hard' if args.hard else 'all'}")
     if args.init:
-        report(model, data, seen, unseen, f"{args.init}'s best.pth before training")
+        report(model, score, seen, unseen, f"{args.init}'s best.pth before training")
     for epoch in range(args.epochs):
         if args.fresh:
             redraw(train_data, seen, meta, tf, args.fresh, epoch, poses)
@@ -153,12 +162,16 @@ def main():
                 images = paired_affine(images, instance, args.paired_affine, g)
             z = model.encode_image(images)
             loss = instance_triplet(z, anchors, positives, negatives, 0.3, hard=args.hard)
+            if args.shuffle > 0:
+                loss = loss + args.shuffle * patch_shuffle_triplet(
+                    model.encode_image, images, anchors, positives, 0.3
+                )
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
         if epoch % 2 == 1 or epoch == args.epochs - 1:
-            report(model, data, seen, unseen, f"epoch {epoch + 1}: loss {np.mean(losses):.4f}")
+            report(model, score, seen, unseen, f"epoch {epoch + 1}: loss {np.mean(losses):.4f}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""The demo dataset: 24 named shape classes drawn as photos and as hand-drawn-looking sketches.
+"""The demo dataset: 25 named shape classes drawn as photos and as hand-drawn-looking sketches.
 
 Generated deterministically on first use into an ignored cache folder, in the `folder` layout
 (<root>/photo/<class>/*.jpg, <root>/sketch/<class>/*.png, <root>/unseen.txt), so it goes
 through the same loader path as real data. Photos are filled, coloured, textured objects on
 cluttered backgrounds; sketches are thin, wobbly, sometimes incomplete outlines on white. Half
 of a class's sketches are drawn from given photos (same shape, pose, position and scale), named
-`<photo stem>-1.png`: the fine-grained pairs (data/pairs.py).
+`<photo stem>-1.png`: the fine-grained pairs (data/pairs.py). `--poses wide` (POSES) places
+smaller objects anywhere in the image instead of the default's large, nearly centred ones.
 """
 
 import argparse
@@ -214,12 +215,28 @@ SHAPES = {
 }
 
 
-def _pose(rng, scale_range):
+# How objects are placed: the scale range of photos and of free sketches (in units of half the
+# image) and the largest shift (a fraction of the image). "v2", the default, fills most of the
+# image; "wide" (benchmarks/fine_grained_probe.py, BENCHMARKS.md) draws smaller objects anywhere,
+# so that a photo's instance shows in where its object lies.
+POSES = {
+    "v2": dict(photo=(0.6, 0.85), sketch=(0.55, 0.9), shift=0.12),
+    "wide": dict(photo=(0.3, 0.5), sketch=(0.3, 0.5), shift=0.3),
+}
+
+
+def _pose(rng, scale_range, shift):
     """A random placement: (scale in units of half the image, angle, shift x, shift y, stretch)."""
     scale = rng.uniform(*scale_range)
     angle = rng.uniform(-0.35, 0.35)
-    dx, dy = rng.uniform(-0.12, 0.12, size=2)
+    dx, dy = rng.uniform(-shift, shift, size=2)
     return scale, angle, dx, dy, rng.uniform(0.85, 1.15)
+
+
+def check_poses(poses):
+    if poses not in POSES:
+        raise UserError(f"demo poses {poses!r} unknown; choose one of {', '.join(POSES)}.")
+    return POSES[poses]
 
 
 def _place(polys, pose, size):
@@ -243,8 +260,9 @@ def _random_color(rng, lo=0, hi=255):
     return tuple(int(v) for v in rng.integers(lo, hi, size=3))
 
 
-def draw_photo(cls, rng, size=SIZE, with_pose=False):
+def draw_photo(cls, rng, size=SIZE, with_pose=False, poses="v2"):
     """A photo of `cls`; with_pose: (photo, the object's pose) for sketches drawn from it."""
+    place = check_poses(poses)
     big = size * 2
     top, bottom = _random_color(rng), _random_color(rng)
     grad = np.linspace(0, 1, big)[:, None, None]
@@ -257,7 +275,7 @@ def draw_photo(cls, rng, size=SIZE, with_pose=False):
         w, h = rng.uniform(4, big / 4, size=2)
         box = [x - w, y - h, x + w, y + h]
         (d.ellipse if rng.random() < 0.5 else d.rectangle)(box, fill=_random_color(rng))
-    pose = _pose(rng, (0.6, 0.85))
+    pose = _pose(rng, place["photo"], place["shift"])
     polys = _place(SHAPES[cls], pose, big)
     fill, texture = _random_color(rng), _random_color(rng)
     mask = Image.new("L", (big, big), 0)
@@ -291,13 +309,16 @@ def _wobble(poly, rng, amp):
     return res + noise + rng.normal(0, amp * 0.3, size=res.shape)
 
 
-def draw_sketch(cls, rng, size=SIZE, pose=None):
+def draw_sketch(cls, rng, size=SIZE, pose=None, poses="v2"):
     """A sketch of `cls`; given a photo's pose, drawn from that photo: the same shape, position,
     scale and angle, with a wobbly, sometimes incomplete outline of its own."""
     big = size * 2
     img = Image.new("L", (big, big), 255)
     d = ImageDraw.Draw(img)
-    polys = _place(SHAPES[cls], pose if pose is not None else _pose(rng, (0.55, 0.9)), big)
+    if pose is None:
+        place = check_poses(poses)
+        pose = _pose(rng, place["sketch"], place["shift"])
+    polys = _place(SHAPES[cls], pose, big)
     width = int(rng.integers(2, 4))
     for poly in polys:
         pts = _wobble(poly, rng, amp=0.6)
@@ -312,9 +333,10 @@ def draw_sketch(cls, rng, size=SIZE, pose=None):
     return img.resize((size, size), Image.LANCZOS).convert("RGB")
 
 
-def generate(root=DEFAULT_ROOT, n_photo=40, n_sketch=40, seed=0):
+def generate(root=DEFAULT_ROOT, n_photo=40, n_sketch=40, seed=0, poses="v2"):
     """Write the demo dataset under `root` unless an identical one is already there."""
     root = Path(root)
+    check_poses(poses)
     meta = dict(
         version=VERSION,
         n_photo=n_photo,
@@ -324,6 +346,7 @@ def generate(root=DEFAULT_ROOT, n_photo=40, n_sketch=40, seed=0):
         size=SIZE,
         classes=sorted(SHAPES),
         unseen=UNSEEN,
+        poses=poses,
     )
     meta_file = root / "demo.json"
     if meta_file.is_file() and json.loads(meta_file.read_text()) == meta:
@@ -337,7 +360,7 @@ def generate(root=DEFAULT_ROOT, n_photo=40, n_sketch=40, seed=0):
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     try:
-        draw_all(tmp, n_photo, n_sketch, seed, meta)
+        draw_all(tmp, n_photo, n_sketch, seed, meta, poses)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -352,7 +375,7 @@ def paired_count(n_photo, n_sketch):
     return min(n_photo, n_sketch // 2)
 
 
-def draw_all(tmp, n_photo, n_sketch, seed, meta):
+def draw_all(tmp, n_photo, n_sketch, seed, meta, poses="v2"):
     """Per class: photos <cls>_<i>.jpg; sketches <cls>_<i>-1.png drawn from photo i (the
     fine-grained pairs, data/pairs.py), then free sketches <cls>_free_<j>.png."""
     n_paired = paired_count(n_photo, n_sketch)
@@ -361,15 +384,15 @@ def draw_all(tmp, n_photo, n_sketch, seed, meta):
         photos, sketches = tmp / "photo" / cls, tmp / "sketch" / cls
         photos.mkdir(parents=True, exist_ok=True)
         sketches.mkdir(parents=True, exist_ok=True)
-        poses = []
+        placed = []
         for i in range(n_photo):
-            img, pose = draw_photo(cls, rng, with_pose=True)
+            img, pose = draw_photo(cls, rng, with_pose=True, poses=poses)
             img.save(photos / f"{cls}_{i:03d}.jpg", quality=92)
-            poses.append(pose)
+            placed.append(pose)
         for i in range(n_paired):
-            draw_sketch(cls, rng, pose=poses[i]).save(sketches / f"{cls}_{i:03d}-1.png")
+            draw_sketch(cls, rng, pose=placed[i]).save(sketches / f"{cls}_{i:03d}-1.png")
         for j in range(n_sketch - n_paired):
-            draw_sketch(cls, rng).save(sketches / f"{cls}_free_{j:03d}.png")
+            draw_sketch(cls, rng, poses=poses).save(sketches / f"{cls}_free_{j:03d}.png")
     (tmp / "unseen.txt").write_text("".join(c + "\n" for c in UNSEEN))
     (tmp / "demo.json").write_text(json.dumps(meta))
 
@@ -379,8 +402,9 @@ def main():
     ap.add_argument("--root", default=str(DEFAULT_ROOT))
     ap.add_argument("--n-photo", type=int, default=40)
     ap.add_argument("--n-sketch", type=int, default=40)
+    ap.add_argument("--poses", default="v2", choices=sorted(POSES), help="object placement")
     args = ap.parse_args()
-    root = run_cli(generate, args.root, args.n_photo, args.n_sketch)
+    root = run_cli(generate, args.root, args.n_photo, args.n_sketch, 0, args.poses)
     print(f"demo dataset ready at {root}")
 
 

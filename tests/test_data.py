@@ -1,12 +1,14 @@
 """Demo data, the folder layout, splits and their errors."""
 
 import hashlib
+import json
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
 from data.layouts import resolve_name
-from data.demo import UNSEEN, generate
+from data.demo import POSES, UNSEEN, draw_photo, generate
 from data.index import build_index, make_splits
 from runtime.errors import UserError
 
@@ -28,6 +30,20 @@ def test_demo_is_deterministic_and_laid_out_like_real_data(tmp_path):
     assert sorted(p.name for p in (a / "sketch").iterdir()) == classes
     assert (a / "unseen.txt").read_text().split() == UNSEEN
     assert len(list((a / "sketch" / "star").glob("*.png"))) == 2
+
+
+def test_wide_demo_poses_place_small_objects_anywhere_and_unknown_ones_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    wide = [draw_photo("star", rng, with_pose=True, poses="wide")[1] for _ in range(200)]
+    scale, shift = np.array([p[0] for p in wide]), np.abs([p[2:4] for p in wide])
+    assert 0.3 <= scale.min() and scale.max() <= 0.5 and 0.25 < shift.max() <= 0.3
+    v2 = [draw_photo("star", rng, with_pose=True)[1] for _ in range(50)]  # the default
+    assert min(p[0] for p in v2) >= 0.6 and np.abs([p[2:4] for p in v2]).max() <= 0.12
+    root = generate(tmp_path / "w", n_photo=2, n_sketch=4, poses="wide")
+    assert json.loads((root / "demo.json").read_text())["poses"] == "wide"
+    with pytest.raises(UserError, match=r"demo poses 'bent' unknown; choose one of v2, wide"):
+        generate(tmp_path / "x", n_photo=2, n_sketch=2, poses="bent")
+    assert not (tmp_path / "x").exists() and set(POSES) == {"v2", "wide"}
 
 
 def dcfg(root, **kw):
