@@ -128,6 +128,8 @@ def main():
     ap.add_argument("--init", help="a run folder: start from its model/best.pth")
     ap.add_argument("--per-class", type=int, default=16, help="paired photos a class a batch")
     args = ap.parse_args()
+    if args.eval_pairs is not None and args.eval_pairs < 1:
+        ap.error(f"--eval-pairs {args.eval_pairs}: give 1 or more pairs a class to score")
     torch.manual_seed(0)
     root = Path(args.root)
     meta = json.loads((root / "demo.json").read_text())
