@@ -10,6 +10,7 @@ smaller objects anywhere in the image instead of the default's large, nearly cen
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -404,7 +405,8 @@ def main():
     ap.add_argument("--n-sketch", type=int, default=40)
     ap.add_argument("--poses", default="v2", choices=sorted(POSES), help="object placement")
     args = ap.parse_args()
-    root = run_cli(generate, args.root, args.n_photo, args.n_sketch, 0, args.poses)
+    make = functools.partial(generate, poses=args.poses)
+    root = run_cli(make, args.root, args.n_photo, args.n_sketch)
     print(f"demo dataset ready at {root}")
 
 
