@@ -4,6 +4,7 @@ full disk (torch's own error form) is named as such and never removes the run's 
 
 import fcntl
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -124,23 +125,33 @@ def test_kill_9_with_loader_workers_alive_frees_the_run_folder_at_once(tmp_path,
 @pytest.mark.slow
 def test_sigterm_to_the_process_group_saves_last_and_resumes(tmp_path, demo_root):
     """SLURM, scancel and timeout signal every process of the job: the loader workers ignore it,
-    the trainer saves last.pth at its next step and exits 143."""
+    the trainer saves last.pth at its next step and exits 143. Every step is logged, so the step
+    saved is checked against the last one logged before the signal: the step in flight, or the
+    one after it when the signal lands between a step and its log line."""
     run = tmp_path / "run"
-    p = start(run, demo_root, "train.epochs=2")
+    p = start(run, demo_root, "train.epochs=2", "train.log_every=1")
     try:
-        wait_for(lambda: len(children(p.pid)) >= 2 and "step" in _log(run))
+        wait_for(lambda: len(children(p.pid)) >= 2 and _logged_steps(run))
+        before = max(_logged_steps(run))
         os.killpg(p.pid, signal.SIGTERM)
         out, err = p.communicate(timeout=300)
     finally:
         reap(p)
     assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
-    assert "killed by signal" not in err and "saved last.pth" in _log(run)
     ckpt = torch.load(run / "model" / "last.pth", weights_only=True)
-    assert ckpt["epoch"] == 0 and ckpt["batch_in_epoch"] > 0 and ckpt["step"] > 0
+    assert "killed by signal" not in err
+    assert f"saved last.pth at epoch 1, step {ckpt['step']};" in _log(run)
+    assert ckpt["epoch"] == 0 and ckpt["batch_in_epoch"] > 0
+    assert before <= ckpt["step"] <= before + 2, (before, ckpt["step"])
     r = resume(run)
     assert r.returncode == 0, r.stderr[-2000:]
     done = torch.load(run / "model" / "last.pth", weights_only=True)
     assert done["epoch"] == 2 and done["step"] > ckpt["step"]
+
+
+def _logged_steps(run):
+    """The step numbers of train.log's per-step lines ("epoch E step N loss/...")."""
+    return [int(m) for m in re.findall(r"epoch \d+ step (\d+) ", _log(run))]
 
 
 def _log(run):
