@@ -130,7 +130,9 @@ class TrainSection:
     grad_clip: float = setting(0.0, number(0))  # max gradient norm, 0 = off
     log_every: int = setting(25, integer(1))  # steps
     eval_every: int = setting(1, integer(1))  # epochs between selections
-    select: str = setting("auto", one_of("auto", "last", "val_map", "test_loss"))  # best.pth
+    select: str = setting(  # which epoch best.pth holds
+        "auto", one_of("auto", "last", "val_map", "val_fg", "test_loss")
+    )
     save_every_steps: int = setting(0, integer(0))  # also write last.pth every N steps
     on_nonfinite: str = setting("stop", one_of("stop", "skip"))
     gather_with_grad: bool = setting(True, boolean())
@@ -142,6 +144,9 @@ class TrainSection:
     fg_classes_per_batch: int = setting(1, integer(1, 100_000))  # classes a batch holds
     # epochs of batch-all negatives (mean over a class's other photos) before batch-hard ones
     fg_hard_from_epoch: int = setting(0, integer(0, 100_000))
+    # in fine-grained runs, the weight of the ratio-normalised categorical loss (0: the triplets
+    # alone, CLIP-AT's separate fine-grained model)
+    fg_categorical_ratio: float = setting(1.0, number(0))
     gradient_accumulation_steps: Optional[int] = alias()  # = accum_steps
     log_every_step: Optional[int] = alias()  # = log_every
     eval_every_epoch: Optional[int] = alias()  # = eval_every

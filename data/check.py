@@ -17,7 +17,8 @@ from tqdm import tqdm
 from data.image import PILLOW_LIMIT
 from data.cached import cache_base, decodable
 from data.layouts import PHOTO
-from data.index import make_splits, validation_problem
+from data.index import has_val_pairs, make_splits, validation_problem
+from data.pairs import NAMING_RULE
 from data.loader import unreadable
 from runtime.errors import UserError
 from runtime.logs import log
@@ -139,6 +140,11 @@ def check_dataset(dcfg, decode=True, progress=True, need_test=True, select="auto
     problem = validation_problem(splits)
     if problem and select == "val_map":
         report.errors.append(f"train.select=val_map cannot work: {problem}")
+    elif select == "val_fg" and not has_val_pairs(splits):
+        report.errors.append(
+            f"train.select=val_fg cannot work: no validation sketch is paired with a validation "
+            f"photo ({NAMING_RULE})"
+        )
     elif problem and splits.val_classes:
         report.warnings.append(
             f"validation: {problem}; training selects best.pth as the last epoch"

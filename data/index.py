@@ -21,7 +21,7 @@ from data.layouts import (
     split_file,
 )
 from data.loader import unreadable
-from data.pairs import add_pairs
+from data.pairs import add_pairs, paired_rows
 from runs.folder import is_baseline
 from runtime.errors import UserError
 from runtime.logs import log
@@ -171,6 +171,11 @@ def validation_problem(splits):
     if lacking:
         return f"validation class(es) {lacking} lack sketches or photos, so their mAP is undefined"
     return None
+
+
+def has_val_pairs(splits):
+    """Whether some validation sketch was drawn from a validation photo (val_fg can score)."""
+    return bool(splits.val) and bool(paired_rows(splits.val)[0])
 
 
 def make_splits(dcfg, need_test=True, need_train=True, allow_empty_train=False):

@@ -77,3 +77,15 @@ def add_pairs(rows, name=None):
     report.photos = len(used)
     report.lonely_photos = sum(1 for r in rows if r["m1"] == PHOTO) - len(used)
     return report
+
+
+def paired_rows(rows):
+    """(sketches, their own photos) as two lists of indices into `rows` ((root, row) pairs of a
+    split): every sketch whose photo (the photo column of add_pairs) is among the rows."""
+    where = {(root, r["img_path"]): i for i, (root, r) in enumerate(rows) if r["m1"] == PHOTO}
+    pairs = [
+        (i, where[(root, r.get("photo"))])
+        for i, (root, r) in enumerate(rows)
+        if r["m1"] == SKETCH and (root, r.get("photo")) in where
+    ]
+    return [i for i, _ in pairs], [j for _, j in pairs]

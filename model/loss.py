@@ -19,7 +19,15 @@ class ModalityAwareLoss:
     the ratios (name -> r; a loss whose ratio is 0 is not computed) and the gather of all ranks'
     features for the contrastive term (None on one process)."""
 
-    def __init__(self, ratios, gather=None, fg_ratio=0.0, fg_margin=0.3, fg_shuffle_ratio=0.0):
+    def __init__(
+        self,
+        ratios,
+        gather=None,
+        fg_ratio=0.0,
+        fg_margin=0.3,
+        fg_shuffle_ratio=0.0,
+        fg_categorical_ratio=1.0,
+    ):
         self.ratios = {
             k: float(ratios.get(k, 0)) for k in LOSS_NAMES if float(ratios.get(k, 0)) > 0
         }
@@ -28,13 +36,15 @@ class ModalityAwareLoss:
         self.gather = gather
         self.fg_ratio, self.fg_margin = float(fg_ratio), float(fg_margin)
         self.fg_shuffle_ratio = float(fg_shuffle_ratio)
+        self.fg_categorical_ratio = float(fg_categorical_ratio)
         self.fg_hard = True  # batch-hard negatives; False: batch-all (train.fg_hard_from_epoch)
 
     def __call__(self, model, z_img, z_txt, image_mode, text_mode, fg=None):
         """(total, losses) of L2-normalised z_img, z_txt [B, d] whose rows have the modes image_mode
         (0 photo, 1 sketch) and text_mode (3 text): index.csv's m1 and m2. fg (fine-grained
         training): dict(instance=, labels=, images=) of the batch; the instance losses are added
-        to the ratio-normalised total with weights train.fg_ratio and train.fg_shuffle_ratio."""
+        with weights train.fg_ratio and train.fg_shuffle_ratio to the ratio-normalised total,
+        which then weighs train.fg_categorical_ratio."""
         active, m, losses = self.ratios, model.modes.weight, {}
         e_s = F.normalize((z_txt + z_img) / 2, dim=-1)
         if "clip" in active:
@@ -62,6 +72,7 @@ class ModalityAwareLoss:
         total = sum(active[k] * losses[k] for k in active) / sum(active.values())
         if fg is not None and (self.fg_ratio > 0 or self.fg_shuffle_ratio > 0):
             anchors, positives, negatives = triplets(fg["instance"], fg["labels"], image_mode)
+            total = self.fg_categorical_ratio * total
             if self.fg_ratio > 0:
                 losses["fg"] = instance_triplet(
                     z_img, anchors, positives, negatives, self.fg_margin, self.fg_hard

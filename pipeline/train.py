@@ -229,7 +229,12 @@ class Trainer:
             self.net = torch.compile(self.net)
         t = self.cfg.train
         self.loss = ModalityAwareLoss(
-            self.ratios, gather, t.fg_ratio, t.fg_margin, t.fg_shuffle_ratio
+            self.ratios,
+            gather,
+            t.fg_ratio,
+            t.fg_margin,
+            t.fg_shuffle_ratio,
+            t.fg_categorical_ratio,
         )
 
     def checkpoint_state(self, batch_in_epoch):

@@ -36,7 +36,7 @@ def composed(kind, *overrides):
         (
             "train",
             "train.select=best",
-            "train.select='best' must be one of auto, last, val_map, test_loss",
+            "train.select='best' must be one of auto, last, val_map, val_fg, test_loss",
         ),
         ("train", "dataset.cls_ratio=0", "dataset.cls_ratio=0.0 must be a finite number > 0"),
         ("train", "train.precision=true", "train.precision='True' must be one of bf16, fp16, fp32"),
@@ -61,6 +61,11 @@ def composed(kind, *overrides):
             "train",
             "train.fg_hard_from_epoch=-1",
             "train.fg_hard_from_epoch=-1 must be a whole number from 0",
+        ),
+        (
+            "train",
+            "train.fg_categorical_ratio=-0.1",
+            "train.fg_categorical_ratio=-0.1 must be a finite number >= 0",
         ),
         ("infer", "mode=nonsense", "mode='nonsense' must be one of best, last"),
         ("infer", "batch_size=0", "batch_size=0 must be a whole number from 1"),

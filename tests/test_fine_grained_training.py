@@ -1,13 +1,14 @@
 """Fine-grained training (train.fg_ratio): the instance losses by hand, the class-batch sampler,
 categorical runs unchanged, and its refusals."""
 
-from collections import Counter
 import math
 
 import pytest
 import torch
 
+from data.check import check_dataset
 from data.sampler import ClassBatchSampler
+from metrics.validation import gathered_order, validation_fine_grained
 from model.instance_loss import instance_triplet, shuffle_patches, triplets
 from pipeline.train import train
 from runtime.errors import UserError
@@ -82,8 +83,8 @@ def test_the_class_batch_sampler_keeps_pairs_and_classes_together():
     order = list(s)
     assert sorted(order) == list(range(len(classes)))  # every row once an epoch
     batches = [order[i : i + 11] for i in range(0, len(order), 11)]
-    of_pairs = [b for b in batches if min(instance[i] for i in b) >= 0]
-    assert of_pairs and max(len({classes[i] for i in b}) for b in of_pairs) <= 2
+    pair_parts = [[i for i in b if instance[i] >= 0] for b in batches]
+    assert max(len({classes[i] for i in b}) for b in pair_parts) <= 2
     together = sum(
         1
         for b in batches
@@ -97,9 +98,11 @@ def test_the_class_batch_sampler_keeps_pairs_and_classes_together():
     assert list(s) == s.epoch_order()[5:] and len(s) == len(classes) - 5
 
 
-def test_a_batch_of_pairs_holds_no_lone_rows():
-    """Free sketches and photos without a sketch give the triplet no anchor: they get batches of
-    their own, so a batch of pairs is all anchors, positives and negatives (issue 21 point 4)."""
+def test_every_batch_holds_the_training_sets_share_of_lone_rows():
+    """Free sketches and photos without a sketch give the triplet no anchor; they are spread
+    evenly over the batches, so BatchNorm's batch statistics in training match the running ones
+    it evaluates with (batches of lone rows alone made them differ: BENCHMARKS, sixth attempt),
+    while the pairs stay together in blocks of one class (issue 21 point 4)."""
     classes, instance = [], []
     for c in range(4):  # per class 8 photos with 1 sketch each, 8 free sketches, 4 lone photos
         for p in range(8):
@@ -112,12 +115,19 @@ def test_a_batch_of_pairs_holds_no_lone_rows():
     assert sorted(order) == list(range(len(classes)))
     paired = {i for i, k in enumerate(instance) if instance.count(k) == 2}
     batches = [order[i : i + 16] for i in range(0, len(order), 16)]
-    kinds = [{i in paired for i in b} for b in batches]
-    assert kinds.count({True}) == 4 and kinds.count({False}) == 3  # 64 paired, 48 lone rows
-    for b in batches:
-        if {i in paired for i in b} == {True}:  # 2 classes, 4 photos each with its sketch
-            assert sorted(Counter(classes[i] for i in b).values()) == [8, 8]
-            assert all(Counter(instance[i] for i in b)[instance[i]] == 2 for i in b)
+    # 64 paired rows and 48 lone ones: 16 * 64 / 112 = 9.1, so 9 paired and 7 lone rows a batch
+    # for the 6 whole batches the lone rows fill, the 10 + 6 rows left over last
+    assert [sum(i in paired for i in b) for b in batches] == [9] * 6 + [10]
+    assert all(len(b) == 16 for b in batches)
+    for b in batches[:6]:  # blocks of up to 5 pair rows of one class: at most 3 classes a batch
+        assert len({classes[i] for i in b if i in paired}) <= 3
+    together = sum(
+        1
+        for b in batches
+        for i in b
+        if i in paired and sum(instance[j] == instance[i] for j in b) == 2
+    )
+    assert together / len(paired) > 0.6  # a photo and its sketch mostly in the same batch
 
 
 def test_ranks_take_disjoint_whole_batches():
@@ -127,15 +137,22 @@ def test_ranks_take_disjoint_whole_batches():
     assert not set(parts[0]) & set(parts[1])
 
 
+# The weight sum of test_a_categorical_run_is_unchanged's run on the code before fine-grained
+# training existed, per machine: the CPU's floating-point kernels change the last digits (the
+# 2-core machine of 2026-12-07 and CI; the AMD EPYC 2-core machine of 2026-12-08, where the code
+# before this session's changes gives the same 3317.2099... as the code after them).
+CATEGORICAL_WEIGHT_SUMS = (3316.7189798746126, 3317.209942223829)
+
+
 @pytest.mark.slow
 def test_a_categorical_run_is_unchanged(tiny_train_cfg, tmp_path):
     """fg_ratio=0 (the default) trains exactly as before fine-grained training existed: the
-    sum of the weights after this 1-epoch run, recorded on the code before it (2026-12-07)."""
+    sum of the weights after this 1-epoch run, recorded on the code before it."""
     run = tmp_path / "run"
     train(tiny_train_cfg(), run)
     sd = torch.load(run / "model" / "last.pth", weights_only=False)["model"]
     total = sum(float(v.double().sum()) for v in sd.values() if v.is_floating_point())
-    assert total == pytest.approx(3316.7189798746126, rel=1e-6)
+    assert any(total == pytest.approx(v, rel=1e-6) for v in CATEGORICAL_WEIGHT_SUMS), total
 
 
 @pytest.mark.slow
@@ -144,9 +161,40 @@ def test_fine_grained_training_runs_and_logs_its_loss(tiny_train_cfg, tmp_path):
     train(tiny_train_cfg("train.fg_ratio=1.0", "train.fg_shuffle_ratio=0.5"), run)
     log = (run / "train.log").read_text()
     assert "epoch 1 done" in log
+    # train.select=auto in a fine-grained run: best.pth by the validation classes' pairs
+    assert "best.pth by val_fg" in log and "validation fine-grained Acc@1 " in log
     sd = torch.load(run / "model" / "last.pth", weights_only=False)["model"]
     total = sum(float(v.double().sum()) for v in sd.values() if v.is_floating_point())
-    assert math.isfinite(total) and total != pytest.approx(3316.7189798746126, rel=1e-6)
+    assert math.isfinite(total)
+    assert all(total != pytest.approx(v, rel=1e-6) for v in CATEGORICAL_WEIGHT_SUMS)
+
+
+def test_the_validation_fine_grained_acc1_by_hand(tiny_train_cfg):
+    """val_fg's score: each paired validation sketch's own photo ranked among its class's
+    photos; a free sketch is no query; a class of one photo ranks its sketch first."""
+
+    def row(path, m1, label, photo=""):
+        return ("root", dict(img_path=path, m1=m1, label=label, photo=photo))
+
+    rows = [
+        row("a/p0.png", 0, 1),
+        row("a/p1.png", 0, 1),
+        row("a/p0-1.png", 1, 1, "a/p0.png"),  # nearest p0: rank 1
+        row("a/p1-1.png", 1, 1, "a/p1.png"),  # nearer p0 than p1: rank 2
+        row("a/free.png", 1, 1),
+        row("b/q0.png", 0, 2),
+        row("b/q0-1.png", 1, 2, "b/q0.png"),  # alone in its class: rank 1
+    ]
+    z = torch.nn.functional.normalize(
+        torch.tensor(
+            [[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.7, 0.3], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]
+        ),
+        dim=1,
+    )
+    cfg = tiny_train_cfg()
+    assert validation_fine_grained(z, rows, cfg, "cpu") == pytest.approx(2 / 3)
+    assert math.isnan(validation_fine_grained(z[:2], rows[:2], cfg, "cpu"))
+    assert gathered_order(list(range(5)), 2) == [0, 2, 4, 1, 3]  # rank 0's share, then rank 1's
 
 
 def test_fg_ratio_without_pairs_is_refused(demo_root, tmp_path, tiny_train_cfg):
@@ -156,3 +204,18 @@ def test_fg_ratio_without_pairs_is_refused(demo_root, tmp_path, tiny_train_cfg):
     cfg = tiny_train_cfg("dataset=folder", f"dataset.root={data}", "train.fg_ratio=1.0")
     with pytest.raises(UserError, match=r"needs sketches paired with their photos.*a sketch <"):
         train(cfg, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_val_fg_without_validation_pairs_falls_back_and_data_check_says_so(
+    demo_root, tmp_path, tiny_train_cfg
+):
+    data = folder_dataset(demo_root, tmp_path / "data")
+    for f in (data / "sketch").rglob("*-1.png"):
+        f.rename(f.with_name(f.name.replace("-1.png", "_x.png")))
+    cfg = tiny_train_cfg("dataset=folder", f"dataset.root={data}", "train.select=val_fg")
+    report = check_dataset(cfg.dataset, decode=False, progress=False, select="val_fg")
+    assert any("train.select=val_fg cannot work: no validation sketch" in e for e in report.errors)
+    result = train(cfg, tmp_path / "run")
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert result["select"] == "last" and "train.select=val_fg: no validation sketch" in log

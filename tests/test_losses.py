@@ -181,3 +181,23 @@ def test_orth_loss_sums_absolute_products_not_the_absolute_dot_product(setup):
     ) / (2 * K)
     assert abs(right - near_miss) > 0.1
     assert losses["orth"].item() == pytest.approx(right.item(), abs=1e-12)
+
+
+def test_fine_grained_total_weighs_the_categorical_and_instance_terms(setup):
+    """total = fg_categorical_ratio * (ratio-normalised categorical loss) + fg_ratio * triplet."""
+    model = setup[0]
+    # rows: photo A (instance 0), the sketch drawn from A, photo B (1) of the same class
+    zi = torch.stack([unit([1.0, 0.0, 0.0]), unit([0.8, 0.6, 0.0]), unit([0.6, 0.8, 0.0])])
+    zt = torch.stack([unit([1.0, 1.0, 0.0]), unit([1.0, 1.0, 0.0]), unit([0.0, 0.0, 1.0])])
+    m1, m2 = torch.tensor([0, 1, 0]), torch.tensor([3, 3, 3])
+    ratios = dict(clip=1.0, sem=0.1, rec=0.02, disc=0.1, orth=0.0)
+    categorical, _ = ModalityAwareLoss(ratios)(model, zi, zt, m1, m2)
+    fg = dict(instance=torch.tensor([0, 0, 1]), labels=torch.tensor([1, 1, 1]))
+    # d(sketch, A) = 1 - 0.8 = 0.2, d(sketch, B) = 1 - 0.96 = 0.04: relu(0.2 - 0.04 + 0.3) = 0.46
+    for cat_ratio in (1.0, 0.25, 0.0):
+        total, losses = ModalityAwareLoss(ratios, fg_ratio=2.0, fg_categorical_ratio=cat_ratio)(
+            model, zi, zt, m1, m2, fg
+        )
+        assert losses["fg"].item() == pytest.approx(0.46, abs=1e-12)
+        expect = cat_ratio * categorical.item() + 2.0 * 0.46
+        assert total.item() == pytest.approx(expect, abs=1e-12)
