@@ -10,6 +10,22 @@ from omegaconf import OmegaConf, open_dict
 from runtime.errors import UserError
 from config.schema import SCHEMAS
 
+
+def if_fine_grained(yes, no, *, _root_):
+    """The resolver of `${ma.fine_grained:A,B}` in a preset (setting/): A in fine-grained training
+    (train.fg_ratio or train.fg_shuffle_ratio above 0), else B. A value given on the command
+    line replaces the whole interpolation."""
+    t = _root_.get("train") if OmegaConf.is_dict(_root_) else None
+    try:
+        fine = t is not None and max(float(t.get(k) or 0) for k in FG_KEYS) > 0
+    except (TypeError, ValueError):  # a bad value: validate() names it
+        fine = False
+    return yes if fine else no
+
+
+FG_KEYS = ("fg_ratio", "fg_shuffle_ratio")
+OmegaConf.register_new_resolver("ma.fine_grained", if_fine_grained, replace=True)
+
 PROTOCOLS = ("default", "hits_over_k", "noninterp")
 
 
@@ -211,6 +227,30 @@ def _protocol_problems(cfg):
     )
 
 
+def _unresolvable_key(node, prefix=""):
+    """The dotted name of the first value in `node` whose interpolation does not resolve."""
+    for key in node:
+        name = f"{prefix}{key}"
+        try:
+            value = node[key]
+        except Exception:
+            return name
+        if OmegaConf.is_config(value):
+            found = _unresolvable_key(value, f"{name}.") if OmegaConf.is_dict(value) else None
+            if found:
+                return found
+    return None
+
+
 def prepare(cfg, kind, given=()):
-    """The config a pipeline runs with: aliases applied, every value checked."""
+    """The config a pipeline runs with: aliases applied, interpolations resolved (so config.yaml
+    records the values used), every value checked."""
+    try:
+        OmegaConf.resolve(cfg)
+    except Exception as e:  # an interpolation that cannot resolve: say which and why
+        where = _unresolvable_key(cfg)
+        raise UserError(
+            f"bad config value{f' of {where}' if where else ''}: {str(e).splitlines()[0]}. Fix "
+            f"the ${{...}} interpolation on the command line or in setting/."
+        ) from None
     return validate(apply_aliases(cfg, kind, given), kind)

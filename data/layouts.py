@@ -113,10 +113,12 @@ def resolve_root(name, root_cfg):
     root = root_cfg.get(name) if hasattr(root_cfg, "get") else root_cfg
     root = root or os.environ.get(spec.env_var)
     if name == "demo":
-        from data.demo import DEFAULT_ROOT, generate
+        from data.demo import DEFAULT_ROOT, FINE_GRAINED, FINE_GRAINED_NAME, generate
 
         if not root:
             return generate(DEFAULT_ROOT)
+        if str(root) == FINE_GRAINED_NAME:  # the fine-grained demo, in .cache
+            return generate(**FINE_GRAINED)
         if not (Path(root) / "demo.json").is_file():
             return generate(root)  # first use of a custom demo location
     key = "dataset.root" if name in ("folder", "demo") else f"dataset.root.{name}"

@@ -62,6 +62,12 @@ def composed(kind, *overrides):
             "train.fg_hard_from_epoch=-1",
             "train.fg_hard_from_epoch=-1 must be a whole number from 0",
         ),
+        ("train", "train.lr=${nope}", "bad config value of train.lr: Interpolation key 'nope'"),
+        (
+            "train",
+            "train.lr=${ma.fine_grained:1}",
+            "bad config value of train.lr: TypeError raised while resolving interpolation",
+        ),
         (
             "train",
             "train.fg_categorical_ratio=-0.1",
