@@ -36,15 +36,19 @@ def test_dataset_config(train_cfg, cfg):
 
 def refuse_a_new_demo(dcfg):
     """Training generates the demo dataset at a new dataset.root; infer must not: a mistyped root
-    would embed a freshly generated demo and overwrite the run's infer output."""
+    would embed a freshly generated demo and overwrite the run's infer output. The two demos of
+    the repository's .cache (dataset.root unset, or `fine-grained`) are drawn the same every time,
+    so they are made when missing, as in training."""
     from pathlib import Path
 
+    from data.demo import FINE_GRAINED_NAME
     from data.layouts import resolve_name
 
     if resolve_name(dcfg["test_idx"]) != "demo":
         return
     root = dcfg["root"].get("demo") if OmegaConf.is_dict(dcfg["root"]) else dcfg["root"]
-    if root and not (Path(str(root)).expanduser() / "demo.json").is_file():
+    named = str(root) == FINE_GRAINED_NAME  # the fine-grained demo: made as the default is
+    if root and not named and not (Path(str(root)).expanduser() / "demo.json").is_file():
         raise UserError(
             f"dataset.root={root} holds no demo dataset (no demo.json); infer never "
             f"generates data. Pass the root the run trained on (its config.yaml, "

@@ -12,9 +12,9 @@ Measured on 2 CPU cores, 2026-11-30 (README, "Demo result"), unseen mAP@all over
 The fine-grained run (issue 21 point 4: `python train.py dataset=demo model=tiny
 train.fg_ratio=1.0`, which trains on the fine-grained demo): class-gallery Acc@1 on the unseen
 classes at least 3x chance and above the categorical run's. Measured on 2 CPU cores, 2026-12-08
-(BENCHMARKS.md, seventh attempt), chance 0.0125: 0.104 (seed 0) and SEED1 (seed 1); the
-categorical demo recipe on the same data 0.0146 (30 epochs) and 0.017 (40 epochs, the
-fine_grained_seen check). About 7 minutes on 2 cores."""
+(BENCHMARKS.md, seventh attempt), chance 0.0125: 0.104 (seed 0) and 0.206 (seed 1), one
+thread each; the categorical demo recipe on the same data 0.0146 (30 epochs) and 0.017 (40
+epochs, the fine_grained_seen check). About 7 minutes on 2 cores."""
 
 import pytest
 import json

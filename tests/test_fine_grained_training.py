@@ -248,3 +248,8 @@ def test_the_demo_preset_trains_fine_grained_on_the_fine_grained_demo(monkeypatc
     assert resolve_root("demo", "fine-grained") == data.demo.FINE_GRAINED["root"]
     assert calls == [data.demo.FINE_GRAINED]
     assert data.demo.FINE_GRAINED["n_photo"] == 80 and data.demo.FINE_GRAINED["poses"] == "wide"
+    from pipeline.infer import refuse_a_new_demo
+
+    refuse_a_new_demo({"test_idx": "demo", "root": "fine-grained"})  # made like .cache/demo
+    with pytest.raises(UserError, match="holds no demo dataset"):
+        refuse_a_new_demo({"test_idx": "demo", "root": "/no/such/demo"})
