@@ -299,6 +299,41 @@ def test_a_split_that_a_demo_or_folder_dataset_does_not_use_is_refused(tmp_path,
     assert not (tmp_path / "run").exists()
 
 
+def test_a_folder_dataset_with_a_mistyped_root_or_split_is_refused(
+    tmp_path, demo_root, tiny_train_cfg
+):
+    """A user's own folder dataset: a root that is not there, or a split of no dataset, is one
+    error naming the value and the fix, before a run folder exists; infer with a mistyped root
+    says the same and writes nothing."""
+    from data.index import make_splits
+    from pipeline.infer import test_dataset_config
+    from tests.conftest import compose_cfg, folder_dataset
+
+    data = folder_dataset(demo_root, tmp_path / "data")
+    typo = tmp_path / "dtaa"
+    with pytest.raises(
+        UserError,
+        match=rf"dataset root {typo} for 'folder' does not exist or is not a folder\. Fix "
+        r"dataset.root=\.\.\. \(or MA_SBIR_FOLDER\)",
+    ):
+        train(tiny_train_cfg("dataset=folder", f"dataset.root={typo}"), tmp_path / "run")
+    with pytest.raises(
+        UserError,
+        match=r"dataset.split=sketchy_99 is not used by dataset 'folder': its unseen classes "
+        rf"are {data}/unseen.txt.*Leave dataset.split out",
+    ):
+        train(
+            tiny_train_cfg("dataset=folder", f"dataset.root={data}", "dataset.split=sketchy_99"),
+            tmp_path / "run",
+        )
+    assert not (tmp_path / "run").exists() and not typo.exists()
+    trained = compose_cfg("config-train", ["model=tiny", "dataset=folder", f"dataset.root={data}"])
+    cfg = compose_cfg("config-infer", ["path=x", f"dataset.root={typo}"])
+    with pytest.raises(UserError, match=rf"dataset root {typo} for 'folder' does not exist"):
+        make_splits(test_dataset_config(trained, cfg), need_train=False)
+    assert not typo.exists()
+
+
 def test_infer_never_generates_a_demo_at_a_mistyped_root(tmp_path, demo_root):
     from pipeline.infer import test_dataset_config
     from tests.conftest import compose_cfg
