@@ -11,21 +11,6 @@ from runtime.errors import UserError
 from config.schema import SCHEMAS
 
 
-def if_fine_grained(yes, no, *, _root_):
-    """The resolver of `${ma.fine_grained:A,B}` in a preset (setting/): A in fine-grained training
-    (train.fg_ratio or train.fg_shuffle_ratio above 0), else B. A value given on the command
-    line replaces the whole interpolation."""
-    t = _root_.get("train") if OmegaConf.is_dict(_root_) else None
-    try:
-        fine = t is not None and max(float(t.get(k) or 0) for k in FG_KEYS) > 0
-    except (TypeError, ValueError):  # a bad value: validate() names it
-        fine = False
-    return yes if fine else no
-
-
-FG_KEYS = ("fg_ratio", "fg_shuffle_ratio")
-OmegaConf.register_new_resolver("ma.fine_grained", if_fine_grained, replace=True)
-
 PROTOCOLS = ("default", "hits_over_k", "noninterp")
 
 

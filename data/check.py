@@ -121,7 +121,9 @@ def decode_problems(rows, report, max_pixels, progress=True, cache=False):
             report.errors.append(f"unreadable image {root / r['img_path']}: {problem}")
 
 
-def check_dataset(dcfg, decode=True, progress=True, need_test=True, select="auto"):
+def check_dataset(
+    dcfg, decode=True, progress=True, need_test=True, select="auto", fine_grained=False
+):
     dcfg = dataset_defaults(dcfg)
     try:
         splits = make_splits(dcfg, need_test=need_test, allow_empty_train=True)
@@ -145,7 +147,7 @@ def check_dataset(dcfg, decode=True, progress=True, need_test=True, select="auto
             f"train.select=val_fg cannot work: no validation sketch is paired with a validation "
             f"photo ({NAMING_RULE})"
         )
-    elif problem and splits.val_classes:
+    elif problem and splits.val_classes and not (fine_grained and has_val_pairs(splits)):
         report.warnings.append(
             f"validation: {problem}; training selects best.pth as the last epoch"
         )
@@ -186,7 +188,14 @@ def main(argv):
     if unknown or not isinstance(opts.get("decode", True), bool):
         raise UserError(f"check options {argv}: the only one is check.decode=true|false.")
     cfg = compose_config("config-train", overrides)
-    report = check_dataset(cfg.dataset, decode=opts.get("decode", True), select=cfg.train.select)
+    OmegaConf.resolve(cfg)  # the presets' ${ma.fine_grained:...} values need the whole config
+    fine_grained = max(float(cfg.train.fg_ratio), float(cfg.train.fg_shuffle_ratio)) > 0
+    report = check_dataset(
+        cfg.dataset,
+        decode=opts.get("decode", True),
+        select=cfg.train.select,
+        fine_grained=fine_grained,
+    )
     print(format_report(report))
     return 1 if report.errors else 0
 

@@ -253,3 +253,15 @@ def test_the_demo_preset_trains_fine_grained_on_the_fine_grained_demo(monkeypatc
     refuse_a_new_demo({"test_idx": "demo", "root": "fine-grained"})  # made like .cache/demo
     with pytest.raises(UserError, match="holds no demo dataset"):
         refuse_a_new_demo({"test_idx": "demo", "root": "/no/such/demo"})
+
+
+@pytest.mark.slow
+def test_data_check_of_a_fine_grained_demo_run_checks_the_fine_grained_demo(capsys):
+    """`python -m data.check dataset=demo train.fg_ratio=1` checks the data that run trains on
+    (the presets' ${ma.fine_grained:...} values resolved), with no warning that best.pth falls
+    back to the last epoch: val_fg selects it."""
+    from data.check import main
+
+    assert main(["dataset=demo", "train.fg_ratio=1.0", "check.decode=false"]) == 0
+    out = capsys.readouterr().out
+    assert "80 photos     160 sketches" in out and "0 error(s), 0 warning(s)" in out
