@@ -326,10 +326,13 @@ def main(argv):
     from data.geometry import transforms
     from data.index import make_splits
     from runtime.logs import setup_logging
+    from omegaconf import OmegaConf
+
     from config.schema import compose_config
 
     setup_logging()
     cfg = compose_config("config-train", argv)
+    OmegaConf.resolve(cfg)  # the presets' ${ma.fine_grained:...} values need the whole config
     train_tf, eval_tf = transforms(cfg.model.backbone, cfg.model.get("pretrained"))  # no weights
     splits = make_splits(cfg.dataset)
     base = cache_base(cfg.dataset.cache)[0]
